@@ -1,0 +1,193 @@
+"""The CLIP ViT-L/14 text tower: token ids (B, 77) -> context (B, 77, 768) for the UNet.
+
+Stable Diffusion 1.x conditions on the *last hidden state* of OpenAI's CLIP ViT-L/14 text
+transformer (after its final layer norm), not on the pooled sentence vector. The tower is a
+plain GPT-2-style stack, written here top to bottom:
+
+    ids (B, T=77)
+      -> token_embedding(ids) + position_embedding(0..76)      (B, T, 768)
+      -> 12 x pre-LN block:                                     (B, T, 768)
+             x = x + self_attn(layer_norm1(x))    causal: token i sees tokens 0..i
+             x = x + mlp(layer_norm2(x))          fc1 768->3072, quick_gelu, fc2 3072->768
+      -> final_layer_norm                                       (B, T, 768) = the context
+
+Parameter names equal the checkpoint keys after `cond_stage_model.transformer.` (Hugging Face
+naming: `text_model.encoder.layers.0.self_attn.q_proj.weight`, ...), so a real checkpoint loads
+with `load_state_dict(strict=True)`. Some checkpoints also carry the buffer
+`text_model.embeddings.position_ids` (just 0..76); ldm.checkpoint drops it, because positions
+are computed here.
+
+Reference: Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision"; parity with `transformers.CLIPTextModel` is tested in tests/test_clip.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+__all__ = ["CLIPTextConfig", "CLIPTextModel", "quick_gelu", "causal_mask"]
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """The text tower's shape. Defaults are CLIP ViT-L/14, the one SD 1.x uses."""
+
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77  # T: the context window, fixed by the position table
+    hidden_size: int = 768  # the width of the context the UNet cross-attends to
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12  # head_dim = 768 / 12 = 64
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def tiny(cls) -> "CLIPTextConfig":
+        """A small tower for tests and notebooks without weights (same vocab, same 77 tokens)."""
+        return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by "
+                f"num_attention_heads={self.num_attention_heads}")
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's GELU approximation: x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def causal_mask(T: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(T, T) additive mask: 0 on and below the diagonal, -inf above (token i sees 0..i)."""
+    return torch.full((T, T), float("-inf"), device=device, dtype=dtype).triu(1)
+
+
+# --- building blocks ------------------------------------------------------------------------
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[1]
+        positions = torch.arange(T, device=ids.device)
+        return self.token_embedding(ids) + self.position_embedding(positions)  # (B, T, C)
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head causal self-attention. `backend="math"` is the readable path; "sdpa" is
+    torch's fused kernel with the same result."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        C = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.q_proj = nn.Linear(C, C)
+        self.k_proj = nn.Linear(C, C)
+        self.v_proj = nn.Linear(C, C)
+        self.out_proj = nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+        split = "b t (h d) -> b h t d"
+        q = rearrange(self.q_proj(x), split, h=self.heads)  # (B, heads, T, head_dim)
+        k = rearrange(self.k_proj(x), split, h=self.heads)
+        v = rearrange(self.v_proj(x), split, h=self.heads)
+        if backend == "math":
+            scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (B, heads, T, T)
+            scores = scores + causal_mask(x.shape[1], x.device, scores.dtype)
+            out = scores.softmax(dim=-1) @ v  # (B, heads, T, head_dim)
+        elif backend == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            raise ValueError(f"backend={backend!r} is not a CLIP attention backend; use 'math' or 'sdpa'")
+        return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))  # (B, T, C)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(quick_gelu(self.fc1(x)))  # (B, T, 3072) inside, (B, T, C) out
+
+
+class CLIPEncoderLayer(nn.Module):
+    """One pre-LN transformer block."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), backend=backend)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+class CLIPTextModel(nn.Module):
+    """ids (B, T) -> context (B, T, hidden_size): the last hidden state after the final LN.
+
+    `model(ids)` gives the context SD 1.x uses. `model(ids, return_hidden_states=True)` also
+    returns every layer's hidden state, as `transformers` counts them: entry 0 is the
+    embedding output and entry i the output of block i (no final layer norm), so there are
+    num_hidden_layers + 1 of them. `clip_skip=n` takes the output of block L - n (with the
+    final layer norm applied) instead of the last block, the "CLIP skip" that some
+    fine-tuned checkpoints want; clip_skip=0 is SD 1.x.
+    """
+
+    def __init__(self, cfg: CLIPTextConfig = CLIPTextConfig(), backend: str = "sdpa"):
+        super().__init__()
+        self.config = cfg
+        self.backend = backend  # "math" (readable) or "sdpa" (fused); same numbers
+        self.text_model = CLIPTextTransformer(cfg)
+
+    def forward(self, ids: torch.Tensor, return_hidden_states: bool = False, clip_skip: int = 0):
+        cfg = self.config
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"ids must be an integer tensor of shape (B, T); got shape {tuple(ids.shape)} "
+                f"and dtype {ids.dtype}")
+        if ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(
+                f"ids has {ids.shape[1]} tokens; at most {cfg.max_position_embeddings} are allowed")
+        if not 0 <= clip_skip < cfg.num_hidden_layers:
+            raise ValueError(f"clip_skip={clip_skip} must be in [0, {cfg.num_hidden_layers - 1}]")
+
+        tm = self.text_model
+        x = tm.embeddings(ids.long())  # (B, T, C)
+        hidden_states = [x]
+        for layer in tm.encoder.layers:
+            x = layer(x, backend=self.backend)  # (B, T, C)
+            hidden_states.append(x)
+        context = tm.final_layer_norm(hidden_states[-1 - clip_skip])  # (B, T, C)
+        if return_hidden_states:
+            return context, hidden_states
+        return context
