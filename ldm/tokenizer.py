@@ -1,0 +1,337 @@
+"""The CLIP tokenizer, written by hand: a prompt -> token ids (B, 77) for the text encoder.
+
+Stable Diffusion 1.x reads a prompt through OpenAI's CLIP byte-level BPE. The steps, in order:
+
+    "A  Café\tphoto!"
+      1. specials   cut out literal "<|startoftext|>" / "<|endoftext|>" (exact case) as ids
+      2. normalize  NFC, every whitespace run -> " ", lower-case       "a café photo!"
+      3. split      words by CLIP's pattern, whitespace dropped        ["a", "café", "photo", "!"]
+      4. bytes      each word's UTF-8 bytes -> 256 printable chars     "cafÃ©"
+      5. BPE        merge adjacent symbols by merge rank, last one
+                    marked "</w>" (end of word)                        "cafÃ©</w>"
+      6. ids        look the pieces up in the vocab                    [320, 15304, 1125, 256]
+      7. window     BOS + first 75 ids + EOS, padded with EOS to 77    (B, 77) int64
+
+Text cleaning, and where the reference differs from OpenAI's original. OpenAI's `simple_tokenizer`
+cleans with `ftfy.fix_text` (repairs mojibake, NFC), `html.unescape` twice, collapses whitespace
+runs to one space, strips, and lower-cases with `str.lower()`. The reference here is
+transformers' `CLIPTokenizer` (5.x; 4.x's "fast" class did the same), which is backed by the
+Rust `tokenizers` library and does *no* ftfy and *no* HTML unescaping: its normalizer is
+`NFC -> Replace(\\s+, " ") -> Lowercase`. We match that exactly, so ids equal the reference's.
+Text that ftfy would repair (mojibake such as "cafÃ©") or that holds HTML entities ("&amp;")
+tokenizes differently from OpenAI's original, in the reference and here alike. Three details
+of the Rust implementation matter for parity (OpenAI's original differs on all three):
+
+- "whitespace" is Oniguruma's `\\s`: tab..carriage return, U+0085 and the categories Zs, Zl,
+  Zp. Python's `str.isspace` also counts U+001C..U+001F; those are kept as (odd) tokens here.
+- lower-casing is per character (Rust `char::to_lowercase`): "Σ" -> "σ" everywhere, never the
+  final "ς" that Python's `str.lower()` picks at the end of a word; "İ" -> "i" + U+0307.
+- a literal "<|endoftext|>" in the prompt becomes the EOS id (the reference's added-token pass
+  runs before normalization); in another case ("<|EndOfText|>") it is ordinary text, split
+  into "<|", "endoftext", "|>".
+
+Character classes (letter = category L*, number = N*) come from Python's `unicodedata`
+(Unicode 14.0 on Python 3.11). The reference's regex tables are newer (Unicode 16 or later in
+tokenizers 0.23): a character assigned after Python's version (e.g. Egyptian Hieroglyphs
+Extended-A, U+13460..U+143FF, letters since 16.0) is "other" here and a letter there, so such
+text can split differently. For characters Python knows, the ids agree (hypothesis-tested).
+A lone surrogate (a str, but not valid text; the reference refuses it) is spelled by its
+UTF-8-style bytes, so every str tokenizes.
+
+The vocabulary is OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT licence, vendored in ldm/data/):
+its first line is a header, then merges ranked by line. CLIP keeps the first 48,894 merges, so
+the vocabulary has 256 byte symbols + 256 with "</w>" + 48,894 merged symbols + 2 specials =
+49,408 ids; BOS = 49406, EOS = 49407, and SD pads with EOS (not 0).
+
+Reference: Radford et al. 2021 (CLIP); Sennrich et al. 2016 (BPE); Radford et al. 2019 (GPT-2,
+byte-level BPE). Parity with `transformers.CLIPTokenizer` is tested in tests/test_tokenizer.py.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import re
+import unicodedata
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "CLIPTokenizer",
+    "TruncationWarning",
+    "bytes_to_unicode",
+    "is_space",
+    "normalize",
+    "split_words",
+    "DEFAULT_VOCAB_PATH",
+]
+
+DEFAULT_VOCAB_PATH = Path(__file__).resolve().parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+NUM_MERGES = 48894  # 49408 - 256 - 256 - 2: the merges CLIP keeps from the file
+CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")  # in the pattern's order
+
+
+class TruncationWarning(UserWarning):
+    """A prompt had more BPE tokens than fit between BOS and EOS; the tail was dropped."""
+
+
+# --- 2. normalize ----------------------------------------------------------------------------
+
+
+def is_space(ch: str) -> bool:
+    """Oniguruma's Unicode `\\s`: \\t \\n \\v \\f \\r, U+0085, and categories Zs, Zl, Zp."""
+    return ch in "\t\n\v\f\r\x85" or unicodedata.category(ch) in ("Zs", "Zl", "Zp")
+
+
+def normalize(text: str) -> str:
+    """NFC, every whitespace run -> one space, then lower-case character by character.
+
+    Not stripped: leading/trailing spaces vanish at the split. Per-character lower-casing
+    (not `str.lower()`) keeps "Σ" -> "σ" at the end of a word, as the reference does.
+    """
+    text = unicodedata.normalize("NFC", text)
+    out, in_space = [], False
+    for ch in text:
+        if is_space(ch):
+            if not in_space:
+                out.append(" ")
+            in_space = True
+        else:
+            out.append(ch)
+            in_space = False
+    return "".join(ch.lower() for ch in out)
+
+
+# --- 3. split into words ---------------------------------------------------------------------
+
+
+def _char_class(ch: str) -> str:
+    """"s" whitespace, "L" letter (category L*), "N" number (category N*), "P" anything else."""
+    if is_space(ch):
+        return "s"
+    return {"L": "L", "N": "N"}.get(unicodedata.category(ch)[0], "P")
+
+
+def split_words(text: str) -> list[str]:
+    """Split normalized text into the words BPE sees, dropping whitespace.
+
+    A hand-written scanner for CLIP's pattern (first alternative that matches wins):
+
+        <|startoftext|> | <|endoftext|> | 's | 't | 're | 've | 'm | 'll | 'd
+        | \\p{L}+ | \\p{N} | [^\\s\\p{L}\\p{N}]+
+
+    so letters group into runs, every digit stands alone, and other characters (punctuation,
+    symbols, emoji) group into runs. A special-token string reaching this point (it was in
+    another case) is split again by the reference's byte-level pre-tokenizer into "<|", the
+    letters and "|>"; that second split changes nothing else.
+    """
+    words, i, n = [], 0, len(text)
+    while i < n:
+        kind = _char_class(text[i])
+        if kind == "s":
+            i += 1
+            continue
+        special = next((s for s in (BOS, EOS) if text.startswith(s, i)), None)
+        if special is not None:
+            words += ["<|", special[2:-2], "|>"]
+            i += len(special)
+            continue
+        contraction = next((c for c in CONTRACTIONS if text.startswith(c, i)), None)
+        if contraction is not None:
+            j = i + len(contraction)
+        elif kind == "N":
+            j = i + 1
+        else:  # a run of letters, or a run of "other" characters
+            j = i + 1
+            while j < n and _char_class(text[j]) == kind:
+                j += 1
+        words.append(text[i:j])
+        i = j
+    return words
+
+
+# --- 4. bytes: the 256 byte values as printable characters --------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte 0..255 to a printable character.
+
+    Printable Latin-1 bytes ("!".."~", "¡".."¬", "®".."ÿ") map to themselves; the other 68
+    (controls, space, soft hyphen) map to U+0100.. in order. BPE then works on strings of
+    printable characters, and any UTF-8 text has a spelling: no unknown tokens.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    # this order (printable bytes first) is also the order of ids 0..255 in the vocab
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+
+
+# --- the tokenizer ---------------------------------------------------------------------------
+
+
+def _load_merges(path: Path) -> list[tuple[str, str]]:
+    """Read the merges file (.txt or .txt.gz): a header line, then one 'a b' merge per line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:1 + NUM_MERGES]]
+    bad = [m for m in merges if len(m) != 2]
+    if len(merges) != NUM_MERGES or bad:
+        raise ValueError(
+            f"path={str(path)!r} is not a CLIP BPE merges file: expected a header line and "
+            f">= {NUM_MERGES} lines 'a b', got {len(merges)} lines ({len(bad)} malformed)")
+    return merges
+
+
+class CLIPTokenizer:
+    """OpenAI CLIP's byte-level BPE tokenizer, ids equal to transformers' `CLIPTokenizer`.
+
+    `tok(prompts)` -> LongTensor (B, 77): BOS, at most 75 BPE ids, EOS, then EOS padding.
+    `encode` / `tokenize` give the BPE ids / pieces of one text without BOS/EOS; `decode`
+    turns ids back into text for inspection.
+    """
+
+    def __init__(self, path: str | Path | None = None, max_length: int = 77):
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length={max_length!r} must be an int >= 2 (room for BOS and EOS)")
+        self.path = Path(path) if path is not None else DEFAULT_VOCAB_PATH
+        if not self.path.is_file():
+            raise FileNotFoundError(f"path={str(self.path)!r}: no such BPE vocab file")
+        merges = _load_merges(self.path)
+        # rank r = priority of merge r (lower merges first)
+        self.bpe_ranks: dict[tuple[str, str], int] = {m: r for r, m in enumerate(merges)}
+        byte_chars = list(bytes_to_unicode().values())
+        tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
+        self.vocab: dict[str, int] = {t: i for i, t in enumerate(tokens)}  # token -> id
+        self.id_to_token: list[str] = tokens
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.bos_id, self.eos_id = self.vocab[BOS], self.vocab[EOS]
+        self.pad_id = self.eos_id  # SD pads with EOS, not 0
+        self.vocab_size = len(tokens)
+        self.max_length = max_length  # T: BOS + (max_length - 2) BPE ids + EOS
+        self._bpe_cached = functools.lru_cache(maxsize=1 << 16)(self._bpe)
+
+    def __repr__(self) -> str:
+        return (f"CLIPTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, "
+                f"path={str(self.path)!r})")
+
+    # -- 5. byte-pair encoding of one word --
+
+    def _bpe(self, word: str) -> tuple[str, ...]:
+        """Merge a word's byte symbols, lowest-ranked adjacent pair first, until none applies."""
+        # surrogatepass: a lone surrogate (not valid text, but a valid str) still gets bytes
+        symbols = [self.byte_encoder[b] for b in word.encode("utf-8", errors="surrogatepass")]
+        symbols[-1] += "</w>"  # the last symbol carries the end-of-word mark
+        while len(symbols) > 1:
+            pairs = set(zip(symbols, symbols[1:]))
+            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            if best not in self.bpe_ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence, left to right
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return tuple(symbols)
+
+    def bpe(self, word: str) -> list[str]:
+        """The BPE pieces of one word (already normalized and split), e.g. 'astronaut'."""
+        if not isinstance(word, str) or not word:
+            raise ValueError(f"word={word!r} must be a non-empty str")
+        return list(self._bpe_cached(word))
+
+    # -- 1-6: text -> pieces -> ids --
+
+    def tokenize(self, text: str) -> list[str]:
+        """Text -> BPE pieces (strings), without BOS/EOS. For inspection."""
+        _check_text(text, "text")
+        pieces: list[str] = []
+        for chunk in re.split(f"({re.escape(BOS)}|{re.escape(EOS)})", text):
+            if chunk in (BOS, EOS):  # exact-case specials, cut out before normalization
+                pieces.append(chunk)
+                continue
+            for word in split_words(normalize(chunk)):
+                pieces += self._bpe_cached(word)
+        return pieces
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> BPE ids, without BOS/EOS and untruncated."""
+        return [self.vocab[p] for p in self.tokenize(text)]
+
+    def decode(self, ids) -> str | list[str]:
+        """Ids -> text: specials and padding dropped, one space after each word.
+
+        `ids`: a sequence of ints or a 1-D tensor -> str; a 2-D tensor (B, T) or a list of
+        sequences -> list of B strings. Bytes that do not form valid UTF-8 (a piece cut from a
+        multi-byte character) decode as U+FFFD.
+        """
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() == 2:
+                return [self.decode(row) for row in ids]
+            if ids.dim() != 1:
+                raise ValueError(f"ids has shape {tuple(ids.shape)}; expected (T,) or (B, T)")
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)):
+            raise TypeError(f"ids={ids!r} must be a list of ints or a 1-D/2-D tensor")
+        if ids and all(isinstance(row, (list, tuple)) for row in ids):
+            return [self.decode(row) for row in ids]
+        out = bytearray()
+        for i in ids:
+            if not isinstance(i, int) or not 0 <= i < self.vocab_size:
+                raise ValueError(f"ids contains {i!r}; allowed: ints in [0, {self.vocab_size})")
+            if i in (self.bos_id, self.eos_id):
+                continue
+            token = self.id_to_token[i]
+            end_of_word = token.endswith("</w>")
+            out += bytes(self.byte_decoder[c] for c in (token[:-4] if end_of_word else token))
+            if end_of_word:
+                out += b" "
+        return out.decode("utf-8", errors="replace").removesuffix(" ")
+
+    # -- 7. the fixed window --
+
+    def truncated_text(self, prompt: str) -> str:
+        """The part of `prompt` that does not fit in the window (decoded), or '' if it fits."""
+        ids = self.encode(prompt)
+        return self.decode(ids[self.max_length - 2:])
+
+    def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Prompts -> LongTensor (B, max_length): BOS, ids, EOS, EOS padding.
+
+        A prompt longer than max_length - 2 = 75 BPE tokens keeps its first 75 and ends with
+        EOS; a `TruncationWarning` says how many tokens were dropped and what text they held.
+        A single string is a batch of one.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError(f"prompts={prompts!r} must be a str or a non-empty list of str")
+        for b, p in enumerate(prompts):
+            _check_text(p, f"prompts[{b}]")
+        keep = self.max_length - 2
+        out = torch.full((len(prompts), self.max_length), self.pad_id, dtype=torch.long)  # (B, T)
+        for b, p in enumerate(prompts):
+            ids = self.encode(p)
+            if len(ids) > keep:
+                dropped = ids[keep:]
+                warnings.warn(
+                    f"prompts[{b}] has {len(ids)} BPE tokens; CLIP reads {keep}, so {len(dropped)} "
+                    f"were dropped: {self.decode(dropped)!r}", TruncationWarning, stacklevel=2)
+                ids = ids[:keep]
+            out[b, : len(ids) + 2] = torch.tensor([self.bos_id, *ids, self.eos_id])
+        return out
+
+
+def _check_text(text, name: str) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"{name}={text!r} must be a str (got {type(text).__name__})")
