@@ -55,6 +55,29 @@ def test_diffusers_converter_maps_every_key(cfg):
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
 
 
+def test_our_state_dict_as_single_file_loads_in_diffusers(tmp_path):
+    """Write ours as an SD single-file checkpoint (`first_stage_model.` keys) and load it with
+    diffusers' `from_single_file` (a local config folder keeps it offline)."""
+    import json
+
+    ref_vae = pytest.importorskip("ref_vae")
+    diffusers = pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+
+    cfg = VAEConfig.tiny()
+    ours = ref_vae.randomize_(AutoencoderKL(cfg)).eval()
+    save_file({f"first_stage_model.{k}": v.contiguous() for k, v in ours.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.json").write_text(
+        json.dumps({"_class_name": "AutoencoderKL", **ref_vae.diffusers_vae_config(cfg)}))
+    ref = diffusers.AutoencoderKL.from_single_file(
+        str(tmp_path / "model.safetensors"), config=str(tmp_path / "config"), local_files_only=True).eval()
+    z = ref_vae.example_latent()
+    with torch.no_grad():
+        assert_close(ours.decode(z), ref.decode(z).sample, **TOL)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="norm_groups"):
         VAEConfig(ch=24, norm_groups=32)
