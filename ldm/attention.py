@@ -1,0 +1,125 @@
+"""Scaled dot-product attention, softmax(Q K^T / sqrt(d)) V, behind one function with backends.
+
+`attention(q, k, v, backend=...)` is the only attention the library calls (the UNet's
+self- and cross-attention, the VAE's mid-block attention). The backend is an argument of
+each call, so a model picks one per model or per forward pass; there is no global switch:
+
+    "math"    the readable specification below. It can hand back the attention
+              probabilities (`return_probs=True`) for inspection, and it works through the
+              queries in chunks so that the (N, M) score matrix of a 64x64 latent never has
+              to exist whole (see `MATH_CHUNK_BYTES`).
+    "sdpa"    torch.nn.functional.scaled_dot_product_attention, torch's fused kernel.
+    "triton"  the hand-written flash-attention kernel in ldm_kernels.flash_attention
+              (imported on first use, so the library runs without Triton).
+    "auto"    "triton" for CUDA tensors the kernel supports, else "sdpa".
+
+Shapes (one vocabulary for the whole library):
+    q      (B, heads, N, d)   N queries, e.g. the H*W pixels of a latent
+    k, v   (B, heads, M, d)   M keys/values: the same pixels (self-attention) or the
+                              T = 77 text tokens (cross-attention)
+    out    (B, heads, N, d)
+    probs  (B, heads, N, M)   each row sums to 1: where query i looks
+
+q, k and v may be strided views, e.g. rearrange(x, "b n (h d) -> b h n d", h=heads).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("math", "sdpa", "triton", "auto")
+
+# Largest score block (B * heads * chunk * M elements) the math path materialises at once.
+# 128 MiB of fp32: a 512x512 image (64x64 latent, N = M = 4096, batch 2, 8 heads) needs
+# 1 GiB for the full score matrix, so the math path processes it in 8 query chunks.
+MATH_CHUNK_BYTES = 128 * 2**20
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (B, heads, tokens, head_dim), "
+                             f"got shape {tuple(t.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"attention: k and v must agree on (B, heads, M), got k {tuple(k.shape)} "
+                         f"and v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on "
+                         f"B, heads and head_dim")
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor, return_probs: bool = False,
+                   chunk_bytes: int = MATH_CHUNK_BYTES) -> Tensor | tuple[Tensor, Tensor]:
+    """The specification: out = softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1).
+
+    The softmax runs over the keys, independently for every query row, so splitting the
+    queries into chunks gives exactly the same numbers with a bounded score matrix.
+    """
+    B, heads, N, d = q.shape
+    M = k.shape[2]
+    scale = 1.0 / math.sqrt(d)
+    row_bytes = B * heads * M * q.element_size()        # one query row of scores, all heads
+    chunk = max(1, min(N, chunk_bytes // max(row_bytes, 1)))
+    outs, all_probs = [], []
+    for start in range(0, N, chunk):
+        q_c = q[:, :, start:start + chunk]                      # (B, heads, n, d)
+        scores = (q_c @ k.transpose(-2, -1)) * scale            # (B, heads, n, M)
+        probs = scores.softmax(dim=-1)                          # rows sum to 1 over the keys
+        outs.append(probs @ v)                                  # (B, heads, n, d)
+        if return_probs:
+            all_probs.append(probs)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, heads, N, d)
+    if return_probs:
+        return out, (all_probs[0] if len(all_probs) == 1 else torch.cat(all_probs, dim=2))
+    return out
+
+
+def _triton(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    try:
+        from ldm_kernels.flash_attention import flash_attention
+    except ImportError as e:  # Triton missing, or the kernel module failed to import
+        raise RuntimeError(f"attention: backend='triton' needs ldm_kernels.flash_attention "
+                           f"(and Triton); importing it failed: {e}") from e
+    return flash_attention(q, k, v)
+
+
+def _auto_backend(q: Tensor, k: Tensor, v: Tensor) -> str:
+    """'triton' for CUDA tensors the flash kernel supports, otherwise 'sdpa'."""
+    if not q.is_cuda:
+        return "sdpa"
+    try:
+        from ldm_kernels.flash_attention import supports
+    except ImportError:
+        log.debug("attention: ldm_kernels.flash_attention unavailable, 'auto' uses sdpa")
+        return "sdpa"
+    return "triton" if supports(q, k, v) else "sdpa"
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "math", *,
+              return_probs: bool = False,
+              chunk_bytes: int = MATH_CHUNK_BYTES) -> Tensor | tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(d)) v with the chosen backend.
+
+    q (B, heads, N, d), k/v (B, heads, M, d) -> out (B, heads, N, d); with
+    `return_probs=True` (math backend only) -> (out, probs (B, heads, N, M)).
+    `chunk_bytes` bounds the score block of the math path.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention: backend={backend!r} is not one of {BACKENDS}")
+    _check(q, k, v)
+    if return_probs and backend != "math":
+        raise ValueError(f"attention: return_probs=True needs backend='math' (the fused "
+                         f"backends never form the probabilities), got backend={backend!r}")
+    if backend == "auto":
+        backend = _auto_backend(q, k, v)
+    if backend == "math":
+        return math_attention(q, k, v, return_probs=return_probs, chunk_bytes=chunk_bytes)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    return _triton(q, k, v)
