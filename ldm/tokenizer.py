@@ -39,7 +39,7 @@ A lone surrogate (a str, but not valid text; the reference refuses it) is spelle
 UTF-8-style bytes, so every str tokenizes.
 
 The vocabulary is OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT licence, vendored in ldm/data/):
-its first line is a header, then merges ranked by line. CLIP keeps the first 48,894 merges, so
+its first line is a header, then 262,144 merges ranked by line. CLIP keeps the first 48,894, so
 the vocabulary has 256 byte symbols + 256 with "</w>" + 48,894 merged symbols + 2 specials =
 49,408 ids; BOS = 49406, EOS = 49407, and SD pads with EOS (not 0).
 
