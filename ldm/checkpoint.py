@@ -1,0 +1,622 @@
+"""Read Stable Diffusion 1.x checkpoints into one state dict per stage, keyed as our modules name them.
+
+`read(path)` takes a single file (`.safetensors`, `.ckpt`, `.pt`, `.bin`) or a diffusers folder
+(`unet/`, `vae/`, `text_encoder/`), detects the model family, and returns a `Checkpoint` whose
+`unet`, `vae` and `text_encoder` dicts load with `load_state_dict(strict=True)`:
+
+    single file (CompVis layout)                       ours
+    model.diffusion_model.input_blocks.1.0.in_layers.0.weight -> unet["input_blocks.1.0.in_layers.0.weight"]
+    first_stage_model.decoder.up.3.block.0.conv1.weight      -> vae["decoder.up.3.block.0.conv1.weight"]
+    cond_stage_model.transformer.text_model.final_layer_norm.weight -> text_encoder["text_model.final_layer_norm.weight"]
+
+A diffusers folder names the same tensors differently (down_blocks.0.resnets.0.norm1 is
+input_blocks.1.0.in_layers.0); `key_map(config)` builds the one table that translates it, and
+`format_key_map()` prints it. `.safetensors` files are memory-mapped (tensors are views of the
+file, no second copy in RAM); pickled `.ckpt` files are read by a restricted unpickler that
+never imports or calls anything the file names, and refuses a pickle that tries to.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import mmap
+import pickle
+import struct
+import zipfile
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+STAGES = ("unet", "vae", "text_encoder")
+# Prefixes of the SD 1.x single file (CompVis / LDM layout); stripped, they are our module names.
+PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+            "text_encoder": "cond_stage_model.transformer."}
+SUPPORTED = ("ldm reads SD 1.x checkpoints (txt2img and SD 1.5 inpainting): single files "
+             "(.safetensors, .ckpt) with model.diffusion_model.*, first_stage_model.* and "
+             "cond_stage_model.transformer.* keys, or diffusers folders (model_index.json, unet/, vae/, text_encoder/)")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable SD 1.x checkpoint, or a state dict that does not fit a module."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickled checkpoint that tries to call code; it was refused and nothing ran."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The key map: diffusers-folder names -> CompVis single-file names (= our module names)
+# ---------------------------------------------------------------------------------------------
+# A row (diffusers_prefix, compvis_prefix, inner) renames a whole subtree. inner == "" keeps the
+# names below the prefix (a SpatialTransformer is named alike in both layouts); otherwise it
+# names the table that renames the modules inside the block:
+INNER_RENAMES = {
+    "unet_resnet": {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"},
+    "vae_resnet": {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+                   "conv_shortcut": "nin_shortcut"},
+    # diffusers >= 0.14 names first, then the older names some VAE files still carry.
+    # q/k/v/proj_out are 1x1 convolutions in CompVis, linear layers in diffusers (reshaped below).
+    "vae_attention": {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+                      "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"},
+}
+
+
+@dataclass(frozen=True)
+class KeyMapConfig:
+    """The block structure the key map depends on; defaults are SD 1.x."""
+    unet_levels: int = 4                            # len(block_out_channels)
+    unet_layers_per_block: int = 2                  # ResBlocks per level on the way down (+1 going up)
+    unet_attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with a SpatialTransformer
+    vae_levels: int = 4
+    vae_layers_per_block: int = 2
+
+    @classmethod
+    def tiny(cls) -> KeyMapConfig:
+        return cls(unet_levels=3, unet_layers_per_block=2, unet_attention_levels=(0, 1),
+                   vae_levels=2, vae_layers_per_block=2)
+
+    @classmethod
+    def from_diffusers(cls, unet_config: dict, vae_config: dict) -> KeyMapConfig:
+        """Build it from the config.json of a diffusers unet/ and vae/."""
+        down, up = list(unet_config["down_block_types"]), list(unet_config["up_block_types"])
+        attention = tuple(i for i, t in enumerate(down) if "CrossAttn" in t)
+        if [("CrossAttn" in t) for t in reversed(up)] != [("CrossAttn" in t) for t in down]:
+            raise CheckpointError(f"unet config: up_block_types {up} do not mirror down_block_types {down}")
+        layers = {int(n) for n in _as_list(unet_config.get("layers_per_block", 2))}
+        if len(layers) != 1:
+            raise CheckpointError(f"unet config: layers_per_block={unet_config['layers_per_block']} "
+                                  "differs between levels; SD 1.x uses one value")
+        return cls(unet_levels=len(down), unet_layers_per_block=layers.pop(), unet_attention_levels=attention,
+                   vae_levels=len(vae_config["block_out_channels"]),
+                   vae_layers_per_block=int(vae_config.get("layers_per_block", 2)))
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def key_map(config: KeyMapConfig = KeyMapConfig()) -> dict[str, list[tuple[str, str, str]]]:
+    """The diffusers -> CompVis table for a block structure: {stage: [(diffusers, compvis, inner)]}."""
+    c = config
+    unet = [("conv_in", "input_blocks.0.0", ""),
+            ("time_embedding.linear_1", "time_embed.0", ""), ("time_embedding.linear_2", "time_embed.2", "")]
+    k = 1                                           # input_blocks.0 is conv_in
+    for level in range(c.unet_levels):
+        for j in range(c.unet_layers_per_block):
+            unet.append((f"down_blocks.{level}.resnets.{j}", f"input_blocks.{k}.0", "unet_resnet"))
+            if level in c.unet_attention_levels:
+                unet.append((f"down_blocks.{level}.attentions.{j}", f"input_blocks.{k}.1", ""))
+            k += 1
+        if level < c.unet_levels - 1:               # every level but the last ends in a Downsample
+            unet.append((f"down_blocks.{level}.downsamplers.0.conv", f"input_blocks.{k}.0.op", ""))
+            k += 1
+    unet += [("mid_block.resnets.0", "middle_block.0", "unet_resnet"),
+             ("mid_block.attentions.0", "middle_block.1", ""),
+             ("mid_block.resnets.1", "middle_block.2", "unet_resnet")]
+    k = 0
+    for i in range(c.unet_levels):                  # up_blocks.i is level (levels - 1 - i)
+        level = c.unet_levels - 1 - i
+        attention = level in c.unet_attention_levels
+        for j in range(c.unet_layers_per_block + 1):
+            unet.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{k}.0", "unet_resnet"))
+            if attention:
+                unet.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{k}.1", ""))
+            if j == c.unet_layers_per_block and level > 0:   # Upsample sits after the attention, if any
+                unet.append((f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{k}.{2 if attention else 1}.conv", ""))
+            k += 1
+    unet += [("conv_norm_out", "out.0", ""), ("conv_out", "out.2", "")]
+
+    vae = [("quant_conv", "quant_conv", ""), ("post_quant_conv", "post_quant_conv", "")]
+    for part in ("encoder", "decoder"):
+        vae += [(f"{part}.conv_in", f"{part}.conv_in", ""), (f"{part}.conv_norm_out", f"{part}.norm_out", ""),
+                (f"{part}.conv_out", f"{part}.conv_out", ""),
+                (f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", "vae_resnet"),
+                (f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", "vae_attention"),
+                (f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", "vae_resnet")]
+    for level in range(c.vae_levels):
+        for j in range(c.vae_layers_per_block):
+            vae.append((f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}", "vae_resnet"))
+        if level < c.vae_levels - 1:
+            vae.append((f"encoder.down_blocks.{level}.downsamplers.0.conv", f"encoder.down.{level}.downsample.conv", ""))
+    for i in range(c.vae_levels):                   # the decoder counts its levels upwards: up.3 runs first
+        level = c.vae_levels - 1 - i
+        for j in range(c.vae_layers_per_block + 1):
+            vae.append((f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}", "vae_resnet"))
+        if level > 0:
+            vae.append((f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{level}.upsample.conv", ""))
+
+    # transformers < 5 saved CLIPTextModel keys under text_model.; transformers 5 saves them without.
+    text_encoder = [("text_model", "text_model", ""), ("", "text_model", "")]
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+
+DIFFUSERS_TO_COMPVIS = key_map()                    # the SD 1.x table
+
+
+def format_key_map(table: dict | None = None) -> str:
+    """The key map as aligned text, one row per block, then the renames inside blocks."""
+    table = DIFFUSERS_TO_COMPVIS if table is None else table
+    lines = []
+    for stage, rows in table.items():
+        width = max(len(d) for d, _, _ in rows) + 2
+        lines.append(f"{stage}: {len(rows)} rows (diffusers -> CompVis)")
+        lines += [f"  {d or '(no prefix)':<{width}}-> {c}" + (f"  [{inner}]" if inner else "") for d, c, inner in rows]
+    for name, renames in INNER_RENAMES.items():
+        lines.append(f"[{name}] inside the block")
+        lines += [f"  {d:<16}-> {c}" for d, c in renames.items()]
+    return "\n".join(lines)
+
+
+def diffusers_to_compvis(stage: str, state_dict: dict[str, Tensor], table: dict | None = None) -> dict[str, Tensor]:
+    """Rename one diffusers component's state dict to our (CompVis) names with the key map."""
+    table = DIFFUSERS_TO_COMPVIS if table is None else table
+    if stage not in table:
+        raise ValueError(f"stage={stage!r}; allowed: {list(table)}")
+    rows = sorted(table[stage], key=lambda row: -len(row[0]))       # the longest prefix wins
+    out, unmatched = {}, []
+    for key, t in state_dict.items():
+        row = next((r for r in rows if r[0] == "" or key.startswith(r[0] + ".")), None)
+        if row is None:
+            unmatched.append(key)
+            continue
+        d, c, inner = row
+        rest = key[len(d) + 1:] if d else key
+        if inner:
+            module, _, param = rest.rpartition(".")
+            if module not in INNER_RENAMES[inner]:
+                unmatched.append(key)
+                continue
+            rest = f"{INNER_RENAMES[inner][module]}.{param}"
+            if inner == "vae_attention" and param == "weight" and t.ndim == 2:
+                t = t[:, :, None, None]              # linear (out, in) -> 1x1 conv (out, in, 1, 1)
+        out[f"{c}.{rest}"] = t
+    if unmatched:
+        raise CheckpointError(f"{stage}: {len(unmatched)} diffusers keys have no row in the key map, "
+                              f"e.g. {unmatched[:5]}; is this an SD 1.x {stage}?")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Pickled checkpoints (.ckpt/.pt/.bin): torch's zip format read by a restricted unpickler
+# ---------------------------------------------------------------------------------------------
+# torch.save writes a zip: <root>/data.pkl (the pickle) and <root>/data/<key> (raw storages).
+# Tensors are pickled as calls to torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
+# ...), storages as persistent ids ("storage", torch.HalfStorage, key, location, numel).
+# Our unpickler resolves every global the file names to a value of OUR choosing: the small set of
+# rebuild functions below (our own code, not torch's), containers and plain data, or otherwise
+# an inert StandIn class. It never imports a module the file names. A StandIn may be built the
+# way pickle builds an ordinary object (cls.__new__ then __setstate__, which only stores data),
+# but calling one - os.system(...), eval(...), SomeClass(args) - raises UnsafeCheckpointError.
+
+class _Refused(Exception):
+    pass
+
+
+class _StandInMeta(type):
+    def __call__(cls, *args, **kwargs):                 # REDUCE/INST call the global: refuse
+        shown = ", ".join(repr(a)[:60] for a in args)
+        raise _Refused(f"{cls.__module__}.{cls.__qualname__}({shown})")
+
+
+class StandIn(metaclass=_StandInMeta):
+    """Inert placeholder for an object of a class a pickle names (e.g. a Lightning callback)."""
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        self.args, self.state, self.items = args, None, []
+        return self
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.items.append((key, value))
+
+    def append(self, value):
+        self.items.append(value)
+
+    def extend(self, values):
+        self.items.extend(values)
+
+    def __repr__(self):
+        return f"<StandIn for {type(self).__module__}.{type(self).__qualname__}>"
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype                                 # torch.HalfStorage in a pickle -> float16
+
+
+_STORAGES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+             "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+             "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+             "BoolStorage": torch.bool, "UntypedStorage": torch.uint8}
+
+
+def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    return storage.as_strided(size, stride, offset)    # storage: a 1-D tensor over the file's bytes
+
+
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    return _rebuild_tensor_v2(storage if storage.dtype == dtype else storage.view(dtype), offset, size, stride)
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    return func(*args)                                 # func came from our own resolver
+
+
+def _reconstructor(cls, base, state):                  # copyreg._reconstructor: protocol 0/1 objects
+    if isinstance(cls, _StandInMeta) and base is object:
+        return cls.__new__(cls)
+    raise _Refused(f"copyreg._reconstructor({cls!r}, {base!r})")
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:   # protocol 2 pickles bytes as _codecs.encode
+    if encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"_codecs.encode(..., {encoding!r})")
+    return text.encode("latin1")
+
+
+def _numpy_scalar(dtype, data: bytes):
+    import numpy as np
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise _Refused(f"numpy scalar({dtype!r}, ...)")
+    return np.frombuffer(data, dtype)[0]
+
+
+def _numpy_dtype(spec, align=False, copy=False):
+    import numpy as np
+    if not isinstance(spec, str):
+        raise _Refused(f"numpy.dtype({spec!r})")
+    return np.dtype(spec)
+
+
+_SAFE_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): lambda data, requires_grad=False, hooks=None: data,
+    ("torch._utils", "_rebuild_parameter_with_state"): lambda data, requires_grad, hooks, state: data,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Size"): torch.Size, ("torch", "device"): torch.device,
+    ("collections", "OrderedDict"): OrderedDict, ("copyreg", "_reconstructor"): _reconstructor,
+    ("_codecs", "encode"): _latin1,
+    **{("builtins", b.__name__): b for b in (set, frozenset, bytes, bytearray, complex, slice)},
+    **{("pathlib", n): PurePosixPath for n in ("PosixPath", "PurePosixPath")},
+    **{("pathlib", n): PureWindowsPath for n in ("WindowsPath", "PureWindowsPath")},
+    **{(m, "scalar"): _numpy_scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    ("numpy", "dtype"): _numpy_dtype,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, load_storage):
+        super().__init__(file)
+        self.load_storage, self.stand_ins = load_storage, set()
+
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        if module in ("torch", "torch.storage") and name in _STORAGES:
+            return _StorageType(_STORAGES[name])       # a marker, not callable
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)                # torch.float16 etc.: values, not callable
+        self.stand_ins.add(f"{module}.{name}")
+        return _StandInMeta(name, (StandIn,), {"__module__": module, "__qualname__": name})
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        return self.load_storage(str(pid[2]), pid[1].dtype, int(pid[4]))
+
+
+def _read_torch_zip(path: Path) -> object:
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        pkl = next((n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+        if pkl is None:
+            raise CheckpointError(f"{path}: a zip archive without data.pkl, not a torch checkpoint")
+        root = pkl[: -len("data.pkl")]
+        if f"{root}byteorder" in zf.namelist() and zf.read(f"{root}byteorder") != b"little":
+            raise CheckpointError(f"{path}: a big-endian torch checkpoint; only little-endian is supported")
+        # Copy-on-write map: tensors are views of the file; pages are read when first touched.
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        storages: dict[str, Tensor] = {}
+
+        def load_storage(key: str, dtype: torch.dtype, numel: int) -> Tensor:
+            if key not in storages:
+                info = zf.getinfo(f"{root}data/{key}")
+                nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+                if nbytes > info.file_size:
+                    raise CheckpointError(f"{path}: storage {key} holds {info.file_size} bytes, the pickle wants {nbytes}")
+                if numel == 0:
+                    storages[key] = torch.empty(0, dtype=dtype)
+                elif info.compress_type == zipfile.ZIP_STORED:   # torch stores records uncompressed
+                    name_len, extra_len = struct.unpack("<26xHH", mm[info.header_offset: info.header_offset + 30])
+                    start = info.header_offset + 30 + name_len + extra_len
+                    if start + nbytes > len(mm):
+                        raise CheckpointError(f"{path}: storage {key} runs past the end of the file (truncated?)")
+                    storages[key] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=start)
+                else:
+                    storages[key] = torch.frombuffer(bytearray(zf.read(info)), dtype=dtype, count=numel)
+            return storages[key]
+
+        unpickler = _RestrictedUnpickler(io.BytesIO(zf.read(pkl)), load_storage)
+        try:
+            obj = unpickler.load()
+        except _Refused as e:
+            raise UnsafeCheckpointError(
+                f"{path}: unsafe pickle: it calls {e}. A checkpoint should hold only tensors and plain data; "
+                "nothing was imported or executed, and the file was refused. Prefer a .safetensors file.") from None
+    if unpickler.stand_ins:
+        log.info("%s: inert stand-ins replace classes the pickle names: %s", path, sorted(unpickler.stand_ins))
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Files: sniff the format from the bytes, read, turn library errors into CheckpointError
+# ---------------------------------------------------------------------------------------------
+def _read_file(path: Path) -> tuple[dict, str]:
+    """One file -> (its top-level dict, "safetensors" | "ckpt")."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    try:
+        if head[:4] == b"PK\x03\x04":
+            obj, fmt = _read_torch_zip(path), "ckpt"
+        elif len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 2**27:
+            from safetensors.torch import load_file   # memory-mapped: tensors are views of the file
+            obj, fmt = load_file(str(path)), "safetensors"
+        elif head[:1] == b"\x80":
+            raise CheckpointError(f"{path}: a bare pickle (torch's pre-1.6 format, or not a checkpoint); "
+                                  "ldm reads .safetensors and torch's zip format (torch.save since 1.6)")
+        else:
+            raise CheckpointError(f"{path}: not a checkpoint: neither safetensors nor a torch zip archive "
+                                  f"(first bytes {head[:8]!r})")
+    except CheckpointError:
+        raise
+    except Exception as e:                             # zipfile, safetensors, unpickling, as_strided ...
+        kind = "torch zip archive" if head[:4] == b"PK\x03\x04" else "safetensors file"
+        raise CheckpointError(f"{path}: truncated or corrupt {kind} ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a checkpoint: the file holds a {type(obj).__name__}, not a dict")
+    return obj, fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Family detection and the split into stages
+# ---------------------------------------------------------------------------------------------
+def _unsupported(where, what: str) -> CheckpointError:
+    return CheckpointError(f"{where}: this looks like {what}, which ldm does not support. {SUPPORTED}.")
+
+
+def _detect_other(where, raw: dict) -> None:
+    """Raise a CheckpointError naming the family when `raw` is not an SD 1.x single file."""
+    keys = [k for k in raw if isinstance(k, str)]
+    has = lambda *marks: any(m in k for k in keys for m in marks)
+    starts = lambda *prefixes: any(k.startswith(prefixes) for k in keys)
+    if "string_to_param" in raw or "emb_params" in raw:
+        raise _unsupported(where, "a textual-inversion embedding (string_to_param / emb_params)")
+    if starts("lora_unet_", "lora_te") or has(".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down."):
+        raise _unsupported(where, "a LoRA (low-rank adapter weights)")
+    if starts("conditioner.embedders."):
+        raise _unsupported(where, "an SDXL checkpoint (conditioner.embedders.*)")
+    if starts("cond_stage_model.model."):
+        raise _unsupported(where, "an SD 2.x checkpoint (1024-wide OpenCLIP text encoder cond_stage_model.model.*)")
+    if starts(PREFIXES["unet"]):
+        return
+    tensors = [v for v in raw.values() if isinstance(v, Tensor)]
+    if starts("encoder.", "decoder.", "quant_conv.", "post_quant_conv."):
+        raise _unsupported(where, "a VAE-only file (encoder.*, decoder.*, quant_conv at the top level)")
+    if starts("down_blocks.", "conv_in.", "text_model.", "embeddings.", "encoder.layers."):
+        raise _unsupported(where, "one component in the diffusers layout; read() its whole diffusers folder")
+    if 0 < len(tensors) <= 4 and all(t.ndim <= 2 and t.numel() <= 100 * 1024 for t in tensors):
+        raise _unsupported(where, f"a textual-inversion embedding ({len(tensors)} small tensor(s))")
+    raise CheckpointError(f"{where}: not a Stable Diffusion checkpoint: no model.diffusion_model.* keys "
+                          f"({len(tensors)} tensors, e.g. {keys[:4]}). {SUPPORTED}.")
+
+
+def _unet_family(where, unet: dict[str, Tensor], text_encoder: dict[str, Tensor]) -> str:
+    """sd1 or sd1-inpaint from the UNet's shapes; anything else is a CheckpointError."""
+    conv_in = unet.get("input_blocks.0.0.weight")
+    if conv_in is None:
+        raise CheckpointError(f"{where}: the UNet has no input_blocks.0.0.weight; not an SD 1.x UNet. {SUPPORTED}.")
+    if any(k.endswith("proj_in.weight") and t.ndim == 2 for k, t in unet.items()):
+        raise _unsupported(where, "an SD 2.x checkpoint (linear proj_in in the UNet's transformers)")
+    to_k = next((t for k, t in unet.items() if k.endswith("attn2.to_k.weight")), None)
+    tokens = text_encoder.get("text_model.embeddings.token_embedding.weight")
+    if to_k is not None and tokens is not None and to_k.shape[1] != tokens.shape[1]:
+        raise _unsupported(where, f"a model whose UNet attends to a {to_k.shape[1]}-wide context while its "
+                                  f"text encoder is {tokens.shape[1]} wide (SD 2.x uses a 1024-wide context)")
+    channels = conv_in.shape[1]
+    if channels in (4, 9):
+        return "sd1" if channels == 4 else "sd1-inpaint"
+    what = "an InstructPix2Pix-style UNet" if channels == 8 else "a UNet"
+    raise _unsupported(where, f"{what} with {channels} input channels (SD 1.x: 4, inpainting: 9)")
+
+
+def _text_encoder_keys(sd: dict[str, Tensor], ignored: Counter) -> dict[str, Tensor]:
+    out = {}
+    for k, t in sd.items():
+        k = k if k.startswith("text_model.") else f"text_model.{k}"   # both transformers layouts
+        if k == "text_model.embeddings.position_ids":   # a buffer 0..76: our CLIP computes positions
+            ignored["position_ids"] += 1
+            continue
+        out[k] = t
+    return out
+
+
+def _split(where, raw: dict, ema: bool) -> tuple[dict[str, dict[str, Tensor]], Counter]:
+    """CompVis single file -> {stage: state dict}, plus counts of what was left out."""
+    stages: dict[str, dict[str, Tensor]] = {s: {} for s in STAGES}
+    ignored: Counter = Counter()
+    for key, t in raw.items():
+        if not (isinstance(key, str) and isinstance(t, Tensor)):
+            ignored["non-tensor entries"] += 1
+            continue
+        stage = next((s for s, p in PREFIXES.items() if key.startswith(p)), None)
+        if stage is not None:
+            stages[stage][key[len(PREFIXES[stage]):]] = t
+        elif key.startswith("model_ema."):
+            # Non-pruned files keep an EMA copy of the UNet, named with the dots removed
+            # (model_ema.diffusion_modelinput_blocks00weight). Like diffusers' single-file
+            # loader by default (convert_ldm_unet_checkpoint(extract_ema=False)) we use the
+            # non-EMA weights and ignore these, unless read(..., ema=True) asks for them.
+            ignored["model_ema"] += 1
+        else:
+            ignored["other top-level (schedule buffers, ...)"] += 1
+    if ema:
+        for key in list(stages["unet"]):
+            flat = "model_ema.diffusion_model" + key.replace(".", "")
+            if not isinstance(raw.get(flat), Tensor):
+                raise CheckpointError(f"{where}: ema=True but the file has no EMA copy of {key} ({flat})")
+            stages["unet"][key] = raw[flat]
+    stages["text_encoder"] = _text_encoder_keys(stages["text_encoder"], ignored)
+    for stage, sd in stages.items():
+        if not sd:
+            raise CheckpointError(f"{where}: no {PREFIXES[stage]}* tensors ({stage} missing); {SUPPORTED}.")
+    return stages, ignored
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Diffusers folders
+# ---------------------------------------------------------------------------------------------
+# Like diffusers without `variant=`, the plain file wins; the .fp16. variant is the fallback.
+_WEIGHT_FILES = [f"{name}{variant}{ext}" for variant in ("", ".fp16") for name in
+                 ("diffusion_pytorch_model", "model", "pytorch_model") for ext in (".safetensors", ".bin")]
+
+
+def _read_diffusers_folder(path: Path) -> tuple[dict[str, dict[str, Tensor]], Counter]:
+    if not (path / "model_index.json").is_file():
+        raise CheckpointError(f"{path}: a directory without model_index.json, not a diffusers folder. {SUPPORTED}.")
+    index = json.loads((path / "model_index.json").read_text())
+    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+        raise _unsupported(path, f"an SDXL diffusers folder ({index.get('_class_name')})")
+    configs, stages, ignored = {}, {}, Counter()
+    for stage in STAGES:
+        folder = path / stage
+        weights = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path}: no weights in {stage}/ (looked for {', '.join(_WEIGHT_FILES)})")
+        stages[stage] = {k: t for k, t in _read_file(weights)[0].items() if isinstance(t, Tensor)}
+        if stage != "text_encoder":
+            config = folder / "config.json"
+            if not config.is_file():
+                raise CheckpointError(f"{config}: missing; the key map is built from it")
+            configs[stage] = json.loads(config.read_text())
+    table = key_map(KeyMapConfig.from_diffusers(configs["unet"], configs["vae"]))
+    stages = {s: diffusers_to_compvis(s, sd, table) for s, sd in stages.items()}
+    stages["text_encoder"] = _text_encoder_keys(stages["text_encoder"], ignored)
+    return stages, ignored
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The public surface
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """Per-stage state dicts, keyed as our modules name them, and what was found."""
+    path: Path | None
+    format: str                                        # "safetensors" | "ckpt" | "diffusers" | "state_dict"
+    family: str                                        # "sd1" | "sd1-inpaint"
+    unet: dict[str, Tensor]
+    vae: dict[str, Tensor]
+    text_encoder: dict[str, Tensor]
+    ignored: dict[str, int] = field(default_factory=dict)   # what the file held that no stage uses
+
+    def stages(self) -> dict[str, dict[str, Tensor]]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype most tensors have."""
+        return Counter(t.dtype for sd in self.stages().values() for t in sd.values()).most_common(1)[0][0]
+
+    def summary(self) -> dict:
+        stage_info = {s: {"tensors": len(sd), "bytes": sum(t.numel() * t.element_size() for t in sd.values()),
+                          "dtype": str(Counter(t.dtype for t in sd.values()).most_common(1)[0][0]).removeprefix("torch.")}
+                      for s, sd in self.stages().items()}
+        return {"path": str(self.path) if self.path else None, "family": self.family, "format": self.format,
+                "dtype": str(self.dtype).removeprefix("torch."), "stages": stage_info, "ignored": dict(self.ignored)}
+
+
+def from_state_dict(state_dict: dict, *, path: str | Path | None = None, format: str = "state_dict",
+                    ema: bool = False) -> Checkpoint:
+    """A CompVis-layout state dict (the top level of a single file) -> Checkpoint."""
+    where = path if path is not None else "state dict"
+    raw = state_dict
+    while isinstance(raw.get("state_dict"), dict):     # Lightning: {"state_dict": {...}, "callbacks": ...}
+        raw = raw["state_dict"]
+    _detect_other(where, raw)
+    stages, ignored = _split(where, raw, ema)
+    family = _unet_family(where, stages["unet"], stages["text_encoder"])
+    return Checkpoint(Path(path) if path else None, format, family, **stages, ignored=dict(ignored))
+
+
+def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = False) -> Checkpoint:
+    """Read a single file (.safetensors/.ckpt/.pt/.bin) or a diffusers folder.
+
+    dtype=None keeps the file's dtype; a floating dtype casts the floating tensors (a copy).
+    ema=True takes the UNet's model_ema.* copy of a non-pruned single file.
+    """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r}; allowed: None or a floating torch.dtype (torch.float16, ...)")
+    path = Path(path)
+    if path.is_dir():
+        stages, ignored = _read_diffusers_folder(path)
+        ck = Checkpoint(path, "diffusers", _unet_family(path, stages["unet"], stages["text_encoder"]),
+                        **stages, ignored=dict(ignored))
+    else:
+        raw, fmt = _read_file(path)
+        ck = from_state_dict(raw, path=path, format=fmt, ema=ema)
+    if dtype is not None:
+        for sd in ck.stages().values():
+            sd.update({k: t.to(dtype) for k, t in sd.items() if t.is_floating_point()})
+    log.info("%s: %s %s checkpoint, %s; ignored %s", path, ck.format, ck.family, ck.dtype, ck.ignored)
+    return ck
+
+
+def load_stage(module: torch.nn.Module, state_dict: dict[str, Tensor], stage: str = "unet",
+               family: str = "sd1", *, assign: bool = False, max_listed: int = 10):
+    """module.load_state_dict(state_dict, strict=True), with an error that lists what did not fit."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}; allowed: {list(STAGES)}")
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+    if missing or unexpected:
+        listed = lambda keys: f"{len(keys)} {keys[:max_listed]}" + (f" and {len(keys) - max_listed} more" if len(keys) > max_listed else "")
+        raise CheckpointError(f"{stage} of a {family} checkpoint does not fit {type(module).__name__}: "
+                              f"missing keys {listed(missing)}; unexpected keys {listed(unexpected)}")
+    try:
+        return module.load_state_dict(state_dict, strict=True, assign=assign)
+    except RuntimeError as e:                          # e.g. a shape mismatch
+        raise CheckpointError(f"{stage} of a {family} checkpoint does not fit {type(module).__name__}: {e}") from e
