@@ -50,9 +50,7 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint that tries to call code; it was refused and nothing ran."""
 
 
-# ---------------------------------------------------------------------------------------------
 # 1. The key map: diffusers-folder names -> CompVis single-file names (= our module names)
-# ---------------------------------------------------------------------------------------------
 # A row (diffusers_prefix, compvis_prefix, inner) renames a whole subtree. inner == "" keeps the
 # names below the prefix (a SpatialTransformer is named alike in both layouts); otherwise it
 # names the table that renames the modules inside the block:
@@ -89,17 +87,14 @@ class KeyMapConfig:
         attention = tuple(i for i, t in enumerate(down) if "CrossAttn" in t)
         if [("CrossAttn" in t) for t in reversed(up)] != [("CrossAttn" in t) for t in down]:
             raise CheckpointError(f"unet config: up_block_types {up} do not mirror down_block_types {down}")
-        layers = {int(n) for n in _as_list(unet_config.get("layers_per_block", 2))}
+        layers = unet_config.get("layers_per_block", 2)
+        layers = set(layers) if isinstance(layers, (list, tuple)) else {layers}
         if len(layers) != 1:
             raise CheckpointError(f"unet config: layers_per_block={unet_config['layers_per_block']} "
                                   "differs between levels; SD 1.x uses one value")
-        return cls(unet_levels=len(down), unet_layers_per_block=layers.pop(), unet_attention_levels=attention,
+        return cls(unet_levels=len(down), unet_layers_per_block=int(layers.pop()), unet_attention_levels=attention,
                    vae_levels=len(vae_config["block_out_channels"]),
                    vae_layers_per_block=int(vae_config.get("layers_per_block", 2)))
-
-
-def _as_list(x) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def key_map(config: KeyMapConfig = KeyMapConfig()) -> dict[str, list[tuple[str, str, str]]]:
@@ -203,9 +198,7 @@ def diffusers_to_compvis(stage: str, state_dict: dict[str, Tensor], table: dict 
     return out
 
 
-# ---------------------------------------------------------------------------------------------
 # 2. Pickled checkpoints (.ckpt/.pt/.bin): torch's zip format read by a restricted unpickler
-# ---------------------------------------------------------------------------------------------
 # torch.save writes a zip: <root>/data.pkl (the pickle) and <root>/data/<key> (raw storages).
 # Tensors are pickled as calls to torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
 # ...), storages as persistent ids ("storage", torch.HalfStorage, key, location, numel).
@@ -236,14 +229,8 @@ class StandIn(metaclass=_StandInMeta):
     def __setstate__(self, state):
         self.state = state
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key, value):                 # a dict subclass's items (SETITEMS)
         self.items.append((key, value))
-
-    def append(self, value):
-        self.items.append(value)
-
-    def extend(self, values):
-        self.items.extend(values)
 
     def __repr__(self):
         return f"<StandIn for {type(self).__module__}.{type(self).__qualname__}>"
@@ -258,24 +245,11 @@ _STORAGES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "Hal
              "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
              "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
              "BoolStorage": torch.bool, "UntypedStorage": torch.uint8}
+_DTYPES = {name: v for name, v in vars(torch).items() if isinstance(v, torch.dtype)}   # vars(): no lazy imports
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     return storage.as_strided(size, stride, offset)    # storage: a 1-D tensor over the file's bytes
-
-
-def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
-    return _rebuild_tensor_v2(storage if storage.dtype == dtype else storage.view(dtype), offset, size, stride)
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    return func(*args)                                 # func came from our own resolver
-
-
-def _reconstructor(cls, base, state):                  # copyreg._reconstructor: protocol 0/1 objects
-    if isinstance(cls, _StandInMeta) and base is object:
-        return cls.__new__(cls)
-    raise _Refused(f"copyreg._reconstructor({cls!r}, {base!r})")
 
 
 def _latin1(text: str, encoding: str = "latin1") -> bytes:   # protocol 2 pickles bytes as _codecs.encode
@@ -284,34 +258,15 @@ def _latin1(text: str, encoding: str = "latin1") -> bytes:   # protocol 2 pickle
     return text.encode("latin1")
 
 
-def _numpy_scalar(dtype, data: bytes):
-    import numpy as np
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-        raise _Refused(f"numpy scalar({dtype!r}, ...)")
-    return np.frombuffer(data, dtype)[0]
-
-
-def _numpy_dtype(spec, align=False, copy=False):
-    import numpy as np
-    if not isinstance(spec, str):
-        raise _Refused(f"numpy.dtype({spec!r})")
-    return np.dtype(spec)
-
-
 _SAFE_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): lambda data, requires_grad=False, hooks=None: data,
     ("torch._utils", "_rebuild_parameter_with_state"): lambda data, requires_grad, hooks, state: data,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch", "Size"): torch.Size, ("torch", "device"): torch.device,
-    ("collections", "OrderedDict"): OrderedDict, ("copyreg", "_reconstructor"): _reconstructor,
-    ("_codecs", "encode"): _latin1,
+    ("collections", "OrderedDict"): OrderedDict, ("_codecs", "encode"): _latin1,
     **{("builtins", b.__name__): b for b in (set, frozenset, bytes, bytearray, complex, slice)},
     **{("pathlib", n): PurePosixPath for n in ("PosixPath", "PurePosixPath")},
     **{("pathlib", n): PureWindowsPath for n in ("WindowsPath", "PureWindowsPath")},
-    **{(m, "scalar"): _numpy_scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
-    ("numpy", "dtype"): _numpy_dtype,
 }
 
 
@@ -325,8 +280,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _SAFE_GLOBALS[(module, name)]
         if module in ("torch", "torch.storage") and name in _STORAGES:
             return _StorageType(_STORAGES[name])       # a marker, not callable
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)                # torch.float16 etc.: values, not callable
+        if module == "torch" and name in _DTYPES:
+            return _DTYPES[name]                       # torch.float16 etc.: values, not callable
         self.stand_ins.add(f"{module}.{name}")
         return _StandInMeta(name, (StandIn,), {"__module__": module, "__qualname__": name})
 
@@ -352,7 +307,7 @@ def _read_torch_zip(path: Path) -> object:
             if key not in storages:
                 info = zf.getinfo(f"{root}data/{key}")
                 nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-                if nbytes > info.file_size:
+                if numel < 0 or nbytes > info.file_size:
                     raise CheckpointError(f"{path}: storage {key} holds {info.file_size} bytes, the pickle wants {nbytes}")
                 if numel == 0:
                     storages[key] = torch.empty(0, dtype=dtype)
@@ -378,9 +333,7 @@ def _read_torch_zip(path: Path) -> object:
     return obj
 
 
-# ---------------------------------------------------------------------------------------------
 # 3. Files: sniff the format from the bytes, read, turn library errors into CheckpointError
-# ---------------------------------------------------------------------------------------------
 def _read_file(path: Path) -> tuple[dict, str]:
     """One file -> (its top-level dict, "safetensors" | "ckpt")."""
     if not path.exists():
@@ -412,9 +365,7 @@ def _read_file(path: Path) -> tuple[dict, str]:
     return obj, fmt
 
 
-# ---------------------------------------------------------------------------------------------
 # 4. Family detection and the split into stages
-# ---------------------------------------------------------------------------------------------
 def _unsupported(where, what: str) -> CheckpointError:
     return CheckpointError(f"{where}: this looks like {what}, which ldm does not support. {SUPPORTED}.")
 
@@ -507,9 +458,7 @@ def _split(where, raw: dict, ema: bool) -> tuple[dict[str, dict[str, Tensor]], C
     return stages, ignored
 
 
-# ---------------------------------------------------------------------------------------------
 # 5. Diffusers folders
-# ---------------------------------------------------------------------------------------------
 # Like diffusers without `variant=`, the plain file wins; the .fp16. variant is the fallback.
 _WEIGHT_FILES = [f"{name}{variant}{ext}" for variant in ("", ".fp16") for name in
                  ("diffusion_pytorch_model", "model", "pytorch_model") for ext in (".safetensors", ".bin")]
@@ -539,9 +488,7 @@ def _read_diffusers_folder(path: Path) -> tuple[dict[str, dict[str, Tensor]], Co
     return stages, ignored
 
 
-# ---------------------------------------------------------------------------------------------
 # 6. The public surface
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class Checkpoint:
     """Per-stage state dicts, keyed as our modules name them, and what was found."""
