@@ -40,7 +40,7 @@ CONFIGS = {"tiny": (TINY_UNET, TINY_VAE, TINY_CLIP), "full": (FULL_UNET, FULL_VA
 TABLES = {"tiny": ck.key_map(ck.KeyMapConfig.tiny()), "full": ck.DIFFUSERS_TO_COMPVIS}
 
 
-def diffusers_models(size: str = "tiny", in_channels: int = 4):
+def diffusers_models(size: str = "tiny", in_channels: int = 4, **unet_overrides):
     """(UNet2DConditionModel, AutoencoderKL, CLIPTextModel); full size is built on the meta device."""
     if size == "full":
         return _full_models(in_channels)
@@ -48,8 +48,8 @@ def diffusers_models(size: str = "tiny", in_channels: int = 4):
     from transformers import CLIPTextConfig, CLIPTextModel
     unet_cfg, vae_cfg, clip_cfg = CONFIGS[size]
     torch.manual_seed(0)
-    return (UNet2DConditionModel(**{**unet_cfg, "in_channels": in_channels}), AutoencoderKL(**vae_cfg),
-            CLIPTextModel(CLIPTextConfig(**clip_cfg)))
+    return (UNet2DConditionModel(**{**unet_cfg, "in_channels": in_channels, **unet_overrides}),
+            AutoencoderKL(**vae_cfg), CLIPTextModel(CLIPTextConfig(**clip_cfg)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,10 +147,10 @@ def malicious_payloads(marker: Path) -> dict[str, object]:
 
 
 def write_diffusers_folder(path: Path, size: str = "tiny", *, weights: str = "safetensors",
-                           in_channels: int = 4) -> Path:
+                           in_channels: int = 4, **unet_overrides) -> Path:
     """model_index.json, unet/ vae/ text_encoder/ with config.json and weights:
     weights = "safetensors" | "bin" (pickled) | "fp16" (only the .fp16.safetensors variant)."""
-    unet, vae, clip = diffusers_models(size, in_channels)
+    unet, vae, clip = diffusers_models(size, in_channels, **unet_overrides)
     path.mkdir(parents=True, exist_ok=True)
     (path / "model_index.json").write_text(json.dumps(
         {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
@@ -171,6 +171,12 @@ def write_diffusers_folder(path: Path, size: str = "tiny", *, weights: str = "sa
     return path
 
 
+OTHER_FAMILIES = ("sd2-openclip", "sd2-linear-proj", "sdxl", "lora-kohya", "lora-diffusers", "lora-peft", "ti-a1111",
+                  "ti-emb-params", "ti-single", "vae-only", "diffusers-unet-file", "instruct-pix2pix",
+                  "not-a-checkpoint")
+
+
+@functools.lru_cache(maxsize=None)
 def other_family_key_sets() -> dict[str, tuple[dict[str, torch.Tensor], str]]:
     """Synthetic state dicts of families ldm does not read: {name: (state dict, words the error must name)}."""
     t = torch.zeros(2, 2)

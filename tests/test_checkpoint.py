@@ -229,8 +229,9 @@ def _rss_anon_mib() -> float:
 
 
 # --- families and broken files ----------------------------------------------------------------
-@pytest.mark.parametrize("name", list(ref.other_family_key_sets()))
+@pytest.mark.parametrize("name", ref.OTHER_FAMILIES)
 def test_other_families_are_named_and_refused(tmp_path, name):
+    assert tuple(ref.other_family_key_sets()) == ref.OTHER_FAMILIES
     sd, words = ref.other_family_key_sets()[name]
     path = tmp_path / f"{name}.ckpt"
     torch.save(sd, path)
@@ -291,6 +292,16 @@ def test_diffusers_folder_inpainting_and_missing_parts(tmp_path):
     (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(ck.CheckpointError, match="no weights in vae/"):
         ck.read(folder)
+
+
+def test_diffusers_folder_of_other_families_is_refused(tmp_path):
+    sd2 = ref.write_diffusers_folder(tmp_path / "sd2", use_linear_projection=True)   # SD 2.x: linear proj_in
+    with pytest.raises(ck.CheckpointError, match="SD 2.x"):
+        ck.read(sd2)
+    index = sd2 / "model_index.json"
+    index.write_text(index.read_text().replace("StableDiffusionPipeline", "StableDiffusionXLPipeline"))
+    with pytest.raises(ck.CheckpointError, match="SDXL"):
+        ck.read(sd2)
 
 
 def test_diffusers_folder_legacy_vae_attention_names():
