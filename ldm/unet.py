@@ -1,0 +1,435 @@
+"""The Stable Diffusion 1.x UNet: eps = unet(x_t, t, context), the noise predicted in a latent.
+
+x (B, 4, h, w) noisy latent, t (B,) timesteps, context (B, 77, 768) CLIP text embeddings
+-> eps (B, 4, h, w). The network is the CompVis `openaimodel.UNetModel` as SD 1.x configures
+it (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"),
+and its module paths are the checkpoint keys after `model.diffusion_model.`, so a real
+checkpoint loads with `load_state_dict(sd, strict=True)`; the Sequential slots that held
+dropout are kept as nn.Identity so the indices match.
+
+How the pieces fit (read this file top to bottom in the same order):
+  timestep_embedding   t -> sinusoids (B, 320), cos first ("flip"), frequency shift 0
+  time_embed           Linear, SiLU, Linear -> emb (B, 1280), added inside every ResBlock
+  ResBlock             GroupNorm, SiLU, conv; + Linear(emb); GroupNorm, SiLU, conv; + skip
+  SpatialTransformer   GroupNorm, 1x1 conv proj_in, BasicTransformerBlock(s), 1x1 proj_out, + x
+  BasicTransformerBlock  x += SelfAttn(LN x); x += CrossAttn(LN x, context); x += GEGLU-FF(LN x)
+  Downsample/Upsample  stride-2 3x3 conv / nearest 2x then 3x3 conv
+  UNetModel            input_blocks (their outputs are saved), middle_block, output_blocks
+                       (each concatenates one saved output: the skip connection), out
+
+Architecture of SD 1.x (UNetConfig() defaults) for a 512x512 image, i.e. a 64x64 latent.
+Channels are in -> out of the block; an output block's input is the running feature map
+concatenated with the skip from the matching input block. Every transformer has 8 heads;
+the head dim is channels / 8.
+
+| block | modules | channels | latent size | heads x head dim |
+|---|---|---|---|---|
+| time_embed | Linear, SiLU, Linear | 320 -> 1280 | - | - |
+| input_blocks.0 | Conv | 4 -> 320 | 64 | - |
+| input_blocks.1 | ResBlock, SpatialTransformer | 320 -> 320 | 64 | 8 x 40 |
+| input_blocks.2 | ResBlock, SpatialTransformer | 320 -> 320 | 64 | 8 x 40 |
+| input_blocks.3 | Downsample | 320 -> 320 | 64 -> 32 | - |
+| input_blocks.4 | ResBlock, SpatialTransformer | 320 -> 640 | 32 | 8 x 80 |
+| input_blocks.5 | ResBlock, SpatialTransformer | 640 -> 640 | 32 | 8 x 80 |
+| input_blocks.6 | Downsample | 640 -> 640 | 32 -> 16 | - |
+| input_blocks.7 | ResBlock, SpatialTransformer | 640 -> 1280 | 16 | 8 x 160 |
+| input_blocks.8 | ResBlock, SpatialTransformer | 1280 -> 1280 | 16 | 8 x 160 |
+| input_blocks.9 | Downsample | 1280 -> 1280 | 16 -> 8 | - |
+| input_blocks.10 | ResBlock | 1280 -> 1280 | 8 | - |
+| input_blocks.11 | ResBlock | 1280 -> 1280 | 8 | - |
+| middle_block | ResBlock, SpatialTransformer, ResBlock | 1280 -> 1280 | 8 | 8 x 160 |
+| output_blocks.0 | ResBlock | 2560 -> 1280 | 8 | - |
+| output_blocks.1 | ResBlock | 2560 -> 1280 | 8 | - |
+| output_blocks.2 | ResBlock, Upsample | 2560 -> 1280 | 8 -> 16 | - |
+| output_blocks.3 | ResBlock, SpatialTransformer | 2560 -> 1280 | 16 | 8 x 160 |
+| output_blocks.4 | ResBlock, SpatialTransformer | 2560 -> 1280 | 16 | 8 x 160 |
+| output_blocks.5 | ResBlock, SpatialTransformer, Upsample | 1920 -> 1280 | 16 -> 32 | 8 x 160 |
+| output_blocks.6 | ResBlock, SpatialTransformer | 1920 -> 640 | 32 | 8 x 80 |
+| output_blocks.7 | ResBlock, SpatialTransformer | 1280 -> 640 | 32 | 8 x 80 |
+| output_blocks.8 | ResBlock, SpatialTransformer, Upsample | 960 -> 640 | 32 -> 64 | 8 x 80 |
+| output_blocks.9 | ResBlock, SpatialTransformer | 960 -> 320 | 64 | 8 x 40 |
+| output_blocks.10 | ResBlock, SpatialTransformer | 640 -> 320 | 64 | 8 x 40 |
+| output_blocks.11 | ResBlock, SpatialTransformer | 640 -> 320 | 64 | 8 x 40 |
+| out | GroupNorm, SiLU, Conv | 320 -> 4 | 64 | - |
+
+(tests/test_unet.py checks this table against the model's state_dict keys and shapes.)
+
+Attention backends ("math", "sdpa", "triton", "auto"; see ldm/attention.py) are chosen per
+model (`UNetModel(cfg, attention_backend=...)`, a plain attribute) or per call
+(`unet(x, t, ctx, attention_backend="math")`). `UNetModel.capture(...)` records the feature
+map after any module and the attention probabilities of any attention layer.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ldm.attention import BACKENDS, attention
+
+NUM_GROUPS = 32  # every GroupNorm in SD 1.x has 32 groups
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """CompVis `UNetModel` arguments; the defaults are SD 1.x (v1-inference.yaml)."""
+    in_channels: int = 4                              # 9 for SD 1.5 inpainting (latent, mask, masked latent)
+    out_channels: int = 4
+    model_channels: int = 320                         # width of the first level
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)      # width of level i = model_channels * channel_mult[i]
+    num_res_blocks: int = 2                           # ResBlocks per level on the way down (one more going up)
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a SpatialTransformer
+    num_heads: int = 8                                # head_dim = width / num_heads: 40, 80, 160
+    transformer_depth: int = 1                        # BasicTransformerBlocks per SpatialTransformer
+    context_dim: int = 768                            # width of the text embeddings
+
+    def __post_init__(self):
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
+                     "num_heads", "transformer_depth", "context_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"UNetConfig: {name}={getattr(self, name)} must be >= 1")
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ValueError(f"UNetConfig: channel_mult={self.channel_mult} must be a non-empty "
+                             f"tuple of positive integers")
+        for mult in self.channel_mult:
+            width = self.model_channels * mult
+            if width % NUM_GROUPS or width % self.num_heads:
+                raise ValueError(f"UNetConfig: width model_channels*mult={width} must be divisible by "
+                                 f"{NUM_GROUPS} (GroupNorm groups) and num_heads={self.num_heads}")
+
+    @classmethod
+    def tiny(cls) -> "UNetConfig":
+        """Widths 32/64, attention at the first level and in the middle (like SD, none at the last)."""
+        return cls(model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
+                   attention_resolutions=(1,), num_heads=2, context_dim=32)
+
+    @classmethod
+    def inpainting(cls) -> "UNetConfig":
+        """SD 1.5 inpainting: input = cat[noisy latent (4), mask (1), masked-image latent (4)]."""
+        return cls(in_channels=9)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of the timesteps (Vaswani et al. 2017, sec. 3.5): t (B,) -> (B, dim).
+
+    Frequencies f_i = max_period^(-i / (dim/2)), i = 0 .. dim/2 - 1 (no frequency shift);
+    SD puts the cosines first ("flip_sin_to_cos" in diffusers): [cos(t f), sin(t f)].
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]                        # (B, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)     # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the time embedding added in between, plus a skip (He et al. 2016)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(NUM_GROUPS, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(NUM_GROUPS, out_channels), nn.SiLU(),
+            nn.Identity(),                                           # slot 2 was dropout
+            nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        # a 1x1 conv matches the channels when they change; otherwise the skip is the input itself
+        self.skip_connection = (nn.Identity() if channels == out_channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)                                        # (B, C_out, H, W)
+        h = h + self.emb_layers(emb)[:, :, None, None]               # time enters as a per-channel shift
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention: query from x, key and value from `context` (x itself when None).
+
+    `probs_hook`, when set (UNetModel.capture does it), forces the math backend and is
+    called with the attention probabilities (B, heads, N, M).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # slot 1 was dropout
+        self.probs_hook = None
+
+    def forward(self, x: Tensor, context: Tensor | None = None, backend: str = "math") -> Tensor:
+        context = x if context is None else context                  # x (B, N, C), context (B, M, C_ctx)
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k = rearrange(self.to_k(context), "b m (h d) -> b h m d", h=self.heads)
+        v = rearrange(self.to_v(context), "b m (h d) -> b h m d", h=self.heads)
+        if self.probs_hook is not None:
+            out, probs = attention(q, k, v, backend="math", return_probs=True)
+            self.probs_hook(probs)                                   # (B, heads, N, M)
+        else:
+            out = attention(q, k, v, backend=backend)                # (B, heads, N, d)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): one projection to 2x the width, half of it gates the other."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(),  # slot 1 was dropout
+                                 nn.Linear(dim * mult, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block: self-attention, cross-attention on the text, GEGLU FF."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)         # pixels attend to pixels
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)  # pixels attend to text tokens
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor, backend: str) -> Tensor:
+        x = x + self.attn1(self.norm1(x), backend=backend)
+        x = x + self.attn2(self.norm2(x), context, backend=backend)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Treat the H*W pixels of a feature map as tokens, run transformer blocks, add back."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(NUM_GROUPS, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
+        self.proj_out = nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: Tensor, context: Tensor, backend: str) -> Tensor:
+        H, W = x.shape[-2:]
+        h = self.proj_in(self.norm(x))                               # (B, inner, H, W)
+        h = rearrange(h, "b c h w -> b (h w) c")                     # H*W tokens
+        for block in self.transformer_blocks:
+            h = block(h, context, backend)
+        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
+        return self.proj_out(h) + x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)                                            # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """One slot of input_blocks / middle_block / output_blocks: its layers in order, each
+    handed what it needs (ResBlock the time embedding, SpatialTransformer the text)."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, backend: str) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, backend)
+            else:
+                x = layer(x)
+        return x
+
+
+@dataclass
+class Capture:
+    """What `UNetModel.capture` recorded during the last forward inside its `with` block.
+
+    features[name]   output of module `name`, e.g. "input_blocks.4" (B, C, H, W)
+    attention[name]  probabilities of attention layer `name`      (B, heads, H*W, M)
+    sizes[name]      the (H, W) of the feature map that layer attended over
+    """
+    features: dict[str, Tensor] = field(default_factory=dict)
+    attention: dict[str, Tensor] = field(default_factory=dict)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def token_maps(self, name: str) -> Tensor:
+        """Attention of layer `name` as images, one per key token: (B, heads, M, H, W)."""
+        H, W = self.sizes[name]
+        return rearrange(self.attention[name], "b heads (h w) m -> b heads m h w", h=H, w=W)
+
+
+class UNetModel(nn.Module):
+    """eps = unet(x, t, context): x (B, in_channels, h, w), t (B,) or scalar, context (B, T, context_dim)."""
+
+    def __init__(self, cfg: UNetConfig = UNetConfig(), attention_backend: str = "auto"):
+        super().__init__()
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"UNetModel: attention_backend={attention_backend!r} is not one of {BACKENDS}")
+        self.cfg, self.attention_backend = cfg, attention_backend
+        mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
+
+        def transformer(ch: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, cfg.num_heads, ch // cfg.num_heads, cfg.transformer_depth, cfg.context_dim)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        # Down: record the channels of every block's output, each becomes a skip connection.
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels, ch, ds = [mc], mc, 1                          # ds: downsampling factor so far
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch), transformer(ch), ResBlock(ch, emb_dim, ch))
+
+        # Up: one more block per level than on the way down; each eats one skip, last first.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(NUM_GROUPS, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def _check_inputs(self, x: Tensor, t, context: Tensor) -> Tensor:
+        cfg, factor = self.cfg, 2 ** (len(self.cfg.channel_mult) - 1)
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"UNetModel: x must be (B, {cfg.in_channels}, h, w) with h and w multiples "
+                             f"of {factor}, got shape {tuple(x.shape)}")
+        if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"UNetModel: context must be (B={x.shape[0]}, T, {cfg.context_dim}), "
+                             f"got shape {tuple(context.shape)}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"UNetModel: t must be a scalar or have shape (B={x.shape[0]},), "
+                             f"got shape {tuple(t.shape)}")
+        return t
+
+    def forward(self, x: Tensor, t, context: Tensor, *, attention_backend: str | None = None) -> Tensor:
+        backend = attention_backend or self.attention_backend
+        if backend not in BACKENDS:
+            raise ValueError(f"UNetModel: attention_backend={backend!r} is not one of {BACKENDS}")
+        t = self._check_inputs(x, t, context)
+        t_emb = timestep_embedding(t, self.cfg.model_channels)      # (B, 320)
+        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # (B, 1280)
+
+        h, skips = x, []
+        for block in self.input_blocks:                              # 64 -> 32 -> 16 -> 8
+            h = block(h, emb, context, backend)
+            skips.append(h)
+        h = self.middle_block(h, emb, context, backend)
+        for block in self.output_blocks:                             # 8 -> 16 -> 32 -> 64
+            h = torch.cat([h, skips.pop()], dim=1)                   # the skip: (B, C + C_skip, H, W)
+            h = block(h, emb, context, backend)
+        return self.out(h)                                           # eps (B, out_channels, h, w)
+
+    # ---- inspection -------------------------------------------------------------------------
+
+    def attention_layers(self, kind: str = "cross") -> list[str]:
+        """Names of the attention layers: kind "cross" (attn2, on the text), "self" (attn1) or "all"."""
+        suffix = {"cross": ("attn2",), "self": ("attn1",), "all": ("attn1", "attn2")}
+        if kind not in suffix:
+            raise ValueError(f"attention_layers: kind={kind!r} is not one of {tuple(suffix)}")
+        return [n for n, m in self.named_modules()
+                if isinstance(m, CrossAttention) and n.rsplit(".", 1)[-1] in suffix[kind]]
+
+    @contextmanager
+    def capture(self, features: list[str] = (), attention: list[str] = ()) -> Iterator[Capture]:
+        """Record, for every forward inside the `with` block (the last one wins):
+        the output of each module named in `features` (any name of named_modules(),
+        e.g. "input_blocks.4", "middle_block", "output_blocks.8.2") and the attention
+        probabilities of each layer in `attention` (names from attention_layers()).
+        Attention layers being captured run on the math backend.
+
+            with unet.capture(features=["middle_block"], attention=unet.attention_layers()) as cap:
+                eps = unet(x, t, context)
+            cap.features["middle_block"], cap.token_maps(unet.attention_layers()[0])
+        """
+        modules = dict(self.named_modules())
+        for name in features:
+            if name not in modules or name == "":
+                raise ValueError(f"capture: features entry {name!r} is not a module of the UNet "
+                                 f"(e.g. 'input_blocks.0' .. 'input_blocks.{len(self.input_blocks) - 1}', "
+                                 f"'middle_block', 'output_blocks.3.1', 'out')")
+        for name in attention:
+            if not isinstance(modules.get(name), CrossAttention):
+                raise ValueError(f"capture: attention entry {name!r} is not an attention layer; "
+                                 f"valid names: {self.attention_layers('all')}")
+        cap, handles, hooked = Capture(), [], []
+
+        def store_feature(name):
+            return lambda module, args, out: cap.features.__setitem__(name, out.detach())
+
+        def store_size(name):
+            return lambda module, args: cap.sizes.__setitem__(name, tuple(args[0].shape[-2:]))
+
+        def store_probs(name):
+            return lambda probs: cap.attention.__setitem__(name, probs.detach())
+
+        try:
+            for name in features:
+                handles.append(modules[name].register_forward_hook(store_feature(name)))
+            for name in attention:
+                # the SpatialTransformer holding this layer: ...1.transformer_blocks.0.attn2 -> ...1
+                transformer = name.rsplit(".transformer_blocks.", 1)[0]
+                handles.append(modules[transformer].register_forward_pre_hook(store_size(name)))
+                modules[name].probs_hook = store_probs(name)
+                hooked.append(modules[name])
+            yield cap
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in hooked:
+                module.probs_hook = None

@@ -1,0 +1,131 @@
+"""Reference builders for the UNet: diffusers' UNet2DConditionModel on the same weights as ours.
+
+Our model is built first (its state_dict has the CompVis checkpoint names), then converted
+with diffusers' own single-file converter `convert_ldm_unet_checkpoint`, which knows the real
+CompVis key names: a wrong name in ldm/unet.py shows up as a missing key when the converted
+dict is loaded into diffusers with strict=True. The diffusers model is built on the meta
+device and takes our tensors with `assign=True`, so a full-size pair costs one weight init.
+
+diffusers is imported inside the functions, so `import ref_unet` works without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+from torch import nn
+
+from ldm.unet import UNetConfig, UNetModel
+
+# The stored reference file must stay under 1 MB: tiny() has 1.1M parameters, so the stored
+# case uses tiny() with one level width and one ResBlock per level (still: down, attention,
+# middle, skips, up), and stores its weights as float16 (exactly representable values; the
+# model runs them in float32).
+STORED_CONFIG = dataclasses.replace(UNetConfig.tiny(), channel_mult=(1, 1), num_res_blocks=1)
+
+
+def diffusers_unet_config(cfg: UNetConfig) -> dict:
+    """kwargs for diffusers.UNet2DConditionModel that build the same network as `cfg`."""
+    attn = [2 ** level in cfg.attention_resolutions for level in range(len(cfg.channel_mult))]
+    return dict(
+        sample_size=64,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
+        layers_per_block=cfg.num_res_blocks,
+        transformer_layers_per_block=cfg.transformer_depth,
+        cross_attention_dim=cfg.context_dim,
+        attention_head_dim=cfg.num_heads,   # diffusers' SD 1.x name for the number of heads
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        act_fn="silu",
+        use_linear_projection=False,
+    )
+
+
+def random_init_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fill every parameter with seeded random values, norms included, in well under a second.
+
+    Weights get the spread of torch's default init (std 1/sqrt(3 fan_in)), biases 0.05 z,
+    GroupNorm/LayerNorm scales 1 + 0.1 z (not the default 1, so a wrong eps or a swapped
+    norm shows). The values z are windows at random offsets into one pool of N(0, 1)
+    samples: full-size SD has 860M parameters, and drawing them all takes 6-20 s here.
+    """
+    g = torch.Generator().manual_seed(seed)
+    largest = max(p.numel() for p in model.parameters())
+    pool = torch.randn(min(2 ** 25, 4 * largest), generator=g)  # 2^25 > SD's largest tensor (29.5M)
+    norm_params = {id(m.weight) for m in model.modules()
+                   if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None}
+    with torch.no_grad():
+        for p in model.parameters():
+            n = p.numel()
+            if n > pool.numel():
+                raise ValueError(f"random_init_: a parameter of {n} elements exceeds the pool")
+            start = int(torch.randint(0, pool.numel() - n + 1, (1,), generator=g))
+            p.copy_(pool[start:start + n].view(p.shape))      # in place: no 3.4 GB of temporaries
+            if id(p) in norm_params:
+                p.mul_(0.1).add_(1.0)
+            elif p.dim() == 1:
+                p.mul_(0.05)
+            else:
+                p.mul_(1.0 / math.sqrt(3 * n / p.shape[0]))
+    return model
+
+
+def ours(cfg: UNetConfig, seed: int = 0, **kwargs) -> UNetModel:
+    """Our UNet for `cfg` with random_init_ weights (built on meta, then materialised once)."""
+    with torch.device("meta"):
+        model = UNetModel(cfg, **kwargs)
+    model = model.to_empty(device="cpu")
+    return random_init_(model, seed).eval()
+
+
+def to_diffusers(model: UNetModel):
+    """diffusers' UNet2DConditionModel sharing `model`'s tensors, via diffusers' own converter."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    config = diffusers_unet_config(model.cfg)
+    checkpoint = {f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()}
+    converted = convert_ldm_unet_checkpoint(checkpoint, config)
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**config)
+    ref.load_state_dict(converted, strict=True, assign=True)
+    return ref.eval()
+
+
+def diffusers_unet(cfg: UNetConfig, seed: int = 0):
+    """A diffusers UNet2DConditionModel for `cfg` (the weights of ours(cfg, seed))."""
+    return to_diffusers(ours(cfg, seed))
+
+
+@functools.lru_cache(maxsize=None)
+def full_pair() -> tuple[UNetModel, object]:
+    """(ours, diffusers) full-size SD 1.x UNets sharing one set of random weights; built once."""
+    model = ours(UNetConfig(), seed=0)
+    return model, to_diffusers(model)
+
+
+def reference_tensors() -> dict[str, torch.Tensor]:
+    """STORED_CONFIG weights (float16), inputs, and diffusers' eps (float32)."""
+    model = ours(STORED_CONFIG, seed=0)
+    with torch.no_grad():
+        for p in model.parameters():               # round to the stored precision first
+            p.copy_(p.half().float())
+    ref = to_diffusers(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, STORED_CONFIG.in_channels, 8, 8, generator=g)
+    t = torch.tensor([1.0, 981.0])
+    context = torch.randn(2, 5, STORED_CONFIG.context_dim, generator=g)
+    with torch.no_grad():
+        eps = ref(x, t, encoder_hidden_states=context).sample
+    out = {f"weights.{k}": v.half() for k, v in model.state_dict().items()}
+    out.update({"inputs.x": x, "inputs.t": t, "inputs.context": context, "outputs.eps": eps})
+    return out

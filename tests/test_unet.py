@@ -1,0 +1,312 @@
+"""The UNet against diffusers' UNet2DConditionModel on the same weights: every block type, the
+whole model (tiny and full SD 1.x size), the backends against each other, the stored reference
+tensors, the architecture table, the inspection API and the error messages."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ref_unet
+from ldm.unet import (CrossAttention, ResBlock, SpatialTransformer, UNetConfig, UNetModel,
+                      timestep_embedding)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes on a shared 2-core machine: one thread ran a tiny forward in 48 ms, two
+    threads fighting other processes for the cores in 0.7-1.3 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    pytest.importorskip("diffusers")
+    model = ref_unet.ours(UNetConfig.tiny(), seed=0)
+    return model, ref_unet.to_diffusers(model)
+
+
+def inputs(cfg, B=2, h=8, w=8, T=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, cfg.in_channels, h, w, generator=g), torch.tensor([1.0, 981.0])[:B],
+            torch.randn(B, T, cfg.context_dim, generator=g))
+
+
+# ---- blocks ---------------------------------------------------------------------------------
+
+def test_timestep_embedding_matches_diffusers():
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    t = torch.tensor([0.0, 1.0, 250.0, 999.0])
+    ref = embeddings.get_timestep_embedding(t, 320, flip_sin_to_cos=True, downscale_freq_shift=0)
+    torch.testing.assert_close(timestep_embedding(t, 320), ref, atol=0, rtol=0)
+    assert timestep_embedding(t, 320)[0, :160].eq(1).all()   # t = 0: cos(0) = 1 comes first
+
+
+@torch.no_grad()
+def test_every_block_type_matches_diffusers(tiny_pair):
+    """Our blocks and diffusers' blocks share tensors (through the converter); same inputs in."""
+    ours, ref = tiny_pair
+    g = torch.Generator().manual_seed(2)
+    t, ctx = torch.tensor([3.0, 700.0]), torch.randn(2, 7, 32, generator=g)
+    emb = ours.time_embed(timestep_embedding(t, 32))
+    torch.testing.assert_close(emb, ref.time_embedding(ref.time_proj(t)), **TOL)
+    x32, x64 = torch.randn(2, 32, 8, 8, generator=g), torch.randn(2, 64, 4, 4, generator=g)
+    h32 = torch.randn(2, 64, 32, generator=g)                # 64 tokens of width 32
+    x4 = torch.randn(2, 4, 8, 8, generator=g)
+    st, st_ref = ours.input_blocks[1][1], ref.down_blocks[0].attentions[0]
+    blk, blk_ref = st.transformer_blocks[0], st_ref.transformer_blocks[0]
+    cases = {
+        "conv_in": (ours.input_blocks[0][0](x4), ref.conv_in(x4)),
+        "ResBlock": (ours.input_blocks[1][0](x32, emb), ref.down_blocks[0].resnets[0](x32, emb)),
+        "ResBlock 1x1 skip": (ours.input_blocks[4][0](x32[..., :4, :4], emb),
+                              ref.down_blocks[1].resnets[0](x32[..., :4, :4], emb)),
+        "Downsample": (ours.input_blocks[3][0](x32), ref.down_blocks[0].downsamplers[0](x32)),
+        "Upsample": (ours.output_blocks[2][1](x64), ref.up_blocks[0].upsamplers[0](x64)),
+        "self-attention": (blk.attn1(h32), blk_ref.attn1(h32)),
+        "cross-attention": (blk.attn2(h32, ctx), blk_ref.attn2(h32, encoder_hidden_states=ctx)),
+        "GEGLU feed-forward": (blk.ff(h32), blk_ref.ff(h32)),
+        "BasicTransformerBlock": (blk(h32, ctx, "math"), blk_ref(h32, encoder_hidden_states=ctx)),
+        "SpatialTransformer": (st(x32, ctx, "math"), st_ref(x32, encoder_hidden_states=ctx).sample),
+        "middle_block": (ours.middle_block(x64, emb, ctx, "sdpa"),
+                         ref.mid_block(x64, emb, encoder_hidden_states=ctx)),
+        "out": (ours.out(x32), ref.conv_out(ref.conv_act(ref.conv_norm_out(x32)))),
+    }
+    for name, (a, b) in cases.items():
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+# ---- whole model, tiny ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["math", "sdpa", "auto"])
+@torch.no_grad()
+def test_tiny_unet_matches_diffusers(tiny_pair, backend):
+    ours, ref = tiny_pair
+    x, t, ctx = inputs(ours.cfg, h=16, w=8)                  # non-square latent
+    expected = ref(x, t, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(ours(x, t, ctx, attention_backend=backend), expected, **TOL)
+
+
+@pytest.mark.parametrize("cfg", [
+    UNetConfig(**{**UNetConfig.tiny().__dict__, "in_channels": 9}),                  # SD 1.5 inpainting
+    UNetConfig(**{**UNetConfig.tiny().__dict__, "transformer_depth": 2, "attention_resolutions": (1, 2)}),
+    UNetConfig(**{**UNetConfig.tiny().__dict__, "channel_mult": (1, 2, 2), "num_res_blocks": 1}),
+], ids=["inpainting-9ch", "depth2-attn-everywhere", "three-levels"])
+@torch.no_grad()
+def test_tiny_variants_match_diffusers(cfg):
+    pytest.importorskip("diffusers")
+    ours = ref_unet.ours(cfg, seed=3)
+    ref = ref_unet.to_diffusers(ours)
+    x, t, ctx = inputs(cfg, B=1)
+    torch.testing.assert_close(ours(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample, **TOL)
+
+
+@torch.no_grad()
+def test_scalar_timestep_is_broadcast(tiny_pair):
+    ours, _ = tiny_pair
+    x, _, ctx = inputs(ours.cfg)
+    torch.testing.assert_close(ours(x, 500, ctx), ours(x, torch.tensor([500, 500]), ctx), atol=0, rtol=0)
+    torch.testing.assert_close(ours(x, torch.tensor(500.0), ctx), ours(x, 500, ctx), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_stored_reference_tensors():
+    """Our model on the stored weights and inputs gives the stored diffusers output (no diffusers here)."""
+    stored = load_file(str(ROOT / "tests" / "reference" / "unet_tiny.safetensors"))
+    weights = {k[len("weights."):]: v.float() for k, v in stored.items() if k.startswith("weights.")}
+    model = UNetModel(ref_unet.STORED_CONFIG).eval()
+    model.load_state_dict(weights, strict=True)
+    eps = model(stored["inputs.x"], stored["inputs.t"], stored["inputs.context"])
+    torch.testing.assert_close(eps, stored["outputs.eps"], **TOL)
+    eps_math = model(stored["inputs.x"], stored["inputs.t"], stored["inputs.context"], attention_backend="math")
+    torch.testing.assert_close(eps_math, stored["outputs.eps"], **TOL)
+
+
+# ---- full SD 1.x architecture, random weights -----------------------------------------------
+
+@pytest.mark.full
+@torch.no_grad()
+def test_full_size_unet_matches_diffusers():
+    """All 686 CompVis keys convert with diffusers' own converter and load strictly into
+    diffusers (inside full_pair); then one forward at an 8x8 latent with a 77x768 context."""
+    pytest.importorskip("diffusers")
+    ours, ref = ref_unet.full_pair()
+    assert len(ours.state_dict()) == 686
+    g = torch.Generator().manual_seed(4)
+    x, ctx, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g), torch.tensor([421])
+    expected = ref(x, t, encoder_hidden_states=ctx).sample
+    eps_sdpa = ours(x, t, ctx, attention_backend="sdpa")
+    torch.testing.assert_close(eps_sdpa, expected, **TOL)
+    torch.testing.assert_close(ours(x, t, ctx, attention_backend="math"), eps_sdpa, **TOL)
+
+
+# ---- the architecture table -----------------------------------------------------------------
+
+def parse_table(text: str) -> list[list[str]]:
+    rows = [line.strip().strip("|").split("|") for line in text.splitlines()
+            if re.match(r"\s*\| (time_embed|input_blocks\.\d+|middle_block|output_blocks\.\d+|out) \|", line)]
+    return [[cell.strip() for cell in row] for row in rows]
+
+
+def table_from_state_dict(cfg: UNetConfig, latent: int = 64) -> list[list[str]]:
+    """The table as the state_dict's keys and shapes (and the config's head count) say it."""
+    with torch.device("meta"):
+        sd = UNetModel(cfg).state_dict()
+    rows = [["time_embed", "Linear, SiLU, Linear",
+             f"{sd['time_embed.0.weight'].shape[1]} -> {sd['time_embed.2.weight'].shape[0]}", "-", "-"]]
+    size = latent
+    count = {side: 1 + max(int(k.split(".")[1]) for k in sd if k.startswith(side))
+             for side in ("input_blocks", "output_blocks")}
+    blocks = ([f"input_blocks.{i}" for i in range(count["input_blocks"])] + ["middle_block"]
+              + [f"output_blocks.{i}" for i in range(count["output_blocks"])])
+    for block in blocks:
+        slots = sorted({int(k[len(block) + 1:].split(".")[0]) for k in sd if k.startswith(block + ".")})
+        modules, c_in, c_out, heads, new_size = [], None, None, "-", size
+        for s in slots:
+            p = f"{block}.{s}."
+            if p + "in_layers.0.weight" in sd:
+                modules.append("ResBlock")
+                c_in = c_in or sd[p + "in_layers.0.weight"].shape[0]
+                c_out = sd[p + "out_layers.3.weight"].shape[0]
+            elif p + "proj_in.weight" in sd:
+                modules.append("SpatialTransformer")
+                width = sd[p + "transformer_blocks.0.attn1.to_q.weight"].shape[0]
+                heads = f"{cfg.num_heads} x {width // cfg.num_heads}"
+            elif p + "op.weight" in sd:
+                modules.append("Downsample")
+                c_in = c_out = sd[p + "op.weight"].shape[0]
+                new_size = size // 2
+            elif p + "conv.weight" in sd:
+                modules.append("Upsample")
+                new_size = size * 2
+            else:
+                modules.append("Conv")
+                c_in, c_out = sd[p + "weight"].shape[1], sd[p + "weight"].shape[0]
+        res = str(size) if new_size == size else f"{size} -> {new_size}"
+        rows.append([block, ", ".join(modules), f"{c_in} -> {c_out}", res, heads])
+        size = new_size
+    rows.append(["out", "GroupNorm, SiLU, Conv",
+                 f"{sd['out.2.weight'].shape[1]} -> {sd['out.2.weight'].shape[0]}", str(size), "-"])
+    return rows
+
+
+def test_architecture_table_in_docstring_matches_state_dict():
+    import ldm.unet
+    documented = parse_table(ldm.unet.__doc__)
+    assert len(documented) == 1 + 12 + 1 + 12 + 1
+    assert documented == table_from_state_dict(UNetConfig())
+
+
+def test_architecture_table_in_chapter_matches_docstring():
+    import ldm.unet
+    chapter = (ROOT / "docs" / "03-unet.md").read_text()
+    assert parse_table(chapter) == parse_table(ldm.unet.__doc__)
+
+
+def test_sd_key_counts_and_inpainting_input():
+    with torch.device("meta"):
+        sd = UNetModel(UNetConfig()).state_dict()
+        inpaint = UNetModel(UNetConfig.inpainting()).state_dict()
+    assert len(sd) == 686 and len(inpaint) == 686
+    assert sum(v.numel() for v in sd.values()) == 859_520_964
+    assert inpaint["input_blocks.0.0.weight"].shape == (320, 9, 3, 3)
+    assert not any(k.endswith(("to_q.bias", "to_k.bias", "to_v.bias")) for k in sd)   # SD 1.x: no q/k/v bias
+    assert sd["input_blocks.1.1.proj_in.weight"].shape == (320, 320, 1, 1)            # 1x1 conv, not linear
+
+
+# ---- inspection -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_capture_features_and_cross_attention_maps(tiny_pair):
+    ours, ref = tiny_pair
+    x, t, ctx = inputs(ours.cfg, h=8, w=16, T=5)
+    layer = "output_blocks.4.1.transformer_blocks.0.attn2"
+    assert layer in ours.attention_layers("cross")
+    assert len(ours.attention_layers("cross")) == len(ours.attention_layers("self")) == 2 + 1 + 3
+
+    # diffusers' view of the same points: the mid-block output and the input of that attn2
+    seen = {}
+    h1 = ref.mid_block.register_forward_hook(lambda m, a, out: seen.__setitem__("mid", out))
+    attn_ref = ref.up_blocks[1].attentions[1].transformer_blocks[0].attn2
+    h2 = attn_ref.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("q_in", kw.get("hidden_states", a[0] if a else None)),
+                                            with_kwargs=True)
+    ref(x, t, encoder_hidden_states=ctx)
+    h1.remove(), h2.remove()
+
+    with ours.capture(features=["middle_block", "input_blocks.3"], attention=[layer]) as cap:
+        eps = ours(x, t, ctx)
+    torch.testing.assert_close(cap.features["middle_block"], seen["mid"], **TOL)
+    assert cap.features["input_blocks.3"].shape == (2, 32, 4, 8)
+
+    probs = cap.attention[layer]                             # (B, heads, H*W, T)
+    q = attn_ref.to_q(seen["q_in"]).view(2, -1, 2, 16).transpose(1, 2)
+    k = attn_ref.to_k(ctx).view(2, -1, 2, 16).transpose(1, 2)
+    torch.testing.assert_close(probs, (q @ k.transpose(-1, -2) / 4.0).softmax(-1), **TOL)
+    assert cap.sizes[layer] == (8, 16)
+    maps = cap.token_maps(layer)                             # (B, heads, T, H, W)
+    assert maps.shape == (2, 2, 5, 8, 16)
+    torch.testing.assert_close(maps[:, :, 3].flatten(2), probs[..., 3], atol=0, rtol=0)
+
+    # capturing changes nothing, and everything is unhooked afterwards
+    torch.testing.assert_close(eps, ours(x, t, ctx), **TOL)
+    assert all(m.probs_hook is None for m in ours.modules() if isinstance(m, CrossAttention))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in ours.modules())
+
+
+def test_capture_rejects_unknown_names(tiny_pair):
+    ours, _ = tiny_pair
+    with pytest.raises(ValueError, match=r"features entry 'input_blocks.99'"):
+        with ours.capture(features=["input_blocks.99"]):
+            pass
+    with pytest.raises(ValueError, match=r"attention entry 'input_blocks.1.1' is not an attention layer"):
+        with ours.capture(attention=["input_blocks.1.1"]):
+            pass
+
+
+# ---- errors and backends --------------------------------------------------------------------
+
+def test_bad_inputs_name_the_argument(tiny_pair):
+    ours, _ = tiny_pair
+    x, t, ctx = inputs(ours.cfg)
+    with pytest.raises(ValueError, match=r"x must be \(B, 4, h, w\).*multiples of 2, got shape \(2, 3, 8, 8\)"):
+        ours(x[:, :3], t, ctx)
+    with pytest.raises(ValueError, match=r"x must be .* got shape \(2, 4, 7, 8\)"):
+        ours(x[:, :, :7], t, ctx)
+    with pytest.raises(ValueError, match=r"context must be \(B=2, T, 32\), got shape \(2, 7, 16\)"):
+        ours(x, t, ctx[..., :16])
+    with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(B=2,\), got shape \(3,\)"):
+        ours(x, torch.tensor([1, 2, 3]), ctx)
+    with pytest.raises(ValueError, match=r"attention_backend='fast' is not one of"):
+        ours(x, t, ctx, attention_backend="fast")
+    with pytest.raises(ValueError, match=r"attention_backend='fast' is not one of"):
+        UNetModel(UNetConfig.tiny(), attention_backend="fast")
+    with pytest.raises(ValueError, match=r"width model_channels\*mult=48 must be divisible by 32"):
+        UNetConfig(model_channels=48, channel_mult=(1,))
+    with pytest.raises(ValueError, match=r"num_res_blocks=0 must be >= 1"):
+        UNetConfig(num_res_blocks=0)
+
+
+@torch.no_grad()
+def test_backend_is_per_model_or_per_call(tiny_pair, monkeypatch):
+    """The model attribute picks the default backend; a call's argument overrides it."""
+    import ldm.unet
+    ours, _ = tiny_pair
+    used = []
+    real = ldm.unet.attention
+    monkeypatch.setattr(ldm.unet, "attention", lambda q, k, v, backend, **kw: used.append(backend) or real(q, k, v, backend, **kw))
+    x, t, ctx = inputs(ours.cfg)
+    ours(x, t, ctx)
+    assert set(used) == {"auto"}
+    used.clear()
+    ours(x, t, ctx, attention_backend="math")
+    assert set(used) == {"math"} and len(used) == 12     # 6 transformers x (self + cross)
+    model = UNetModel(UNetConfig.tiny(), attention_backend="sdpa")
+    used.clear()
+    model(x, t, ctx)
+    assert set(used) == {"sdpa"}
