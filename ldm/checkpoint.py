@@ -365,6 +365,13 @@ def _read_file(path: Path) -> tuple[dict, str]:
     return obj, fmt
 
 
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The free-form string map in a safetensors header (ldm.weights keeps configs there)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return dict(header.get("__metadata__") or {})
+
+
 # 4. Family detection and the split into stages
 def _unsupported(where, what: str) -> CheckpointError:
     return CheckpointError(f"{where}: this looks like {what}, which ldm does not support. {SUPPORTED}.")
@@ -499,6 +506,7 @@ class Checkpoint:
     vae: dict[str, Tensor]
     text_encoder: dict[str, Tensor]
     ignored: dict[str, int] = field(default_factory=dict)   # what the file held that no stage uses
+    metadata: dict[str, str] = field(default_factory=dict)  # a .safetensors header's __metadata__
 
     def stages(self) -> dict[str, dict[str, Tensor]]:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
@@ -545,6 +553,8 @@ def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = Fals
     else:
         raw, fmt = _read_file(path)
         ck = from_state_dict(raw, path=path, format=fmt, ema=ema)
+    if ck.format == "safetensors":
+        ck.metadata = _safetensors_metadata(path)
     if dtype is not None:
         for sd in ck.stages().values():
             sd.update({k: t.to(dtype) for k, t in sd.items() if t.is_floating_point()})

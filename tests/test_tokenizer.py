@@ -203,15 +203,13 @@ def test_any_string_gives_77_ids_starting_with_bos(text):
 
 @functools.lru_cache(maxsize=1)
 def reference_tokenizer():
-    """transformers' CLIPTokenizer built from our vendored vocab: 256 byte chars, 256 + '</w>',
-    48,894 merges, 2 specials = 49,408 (5.x keywords vocab=/merges=; vocab_file= would give 3)."""
+    """transformers' CLIPTokenizer built from our vendored vocab (5.x keywords vocab=/merges=;
+    vocab_file= would silently give a 3-token vocabulary)."""
     transformers = pytest.importorskip("transformers")
-    lines = gzip.open(DEFAULT_VOCAB_PATH, "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:1 + 48894]]
-    byte_chars = list(bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    ref = transformers.CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
+    import ref_sd
+
+    vocab, merges = ref_sd.clip_vocab_and_merges()
+    ref = transformers.CLIPTokenizer(vocab=vocab, merges=merges)
     assert len(ref) == 49408
     return ref
 

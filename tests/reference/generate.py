@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/, for ref_<stage>
 
-STAGES = ["clip", "unet", "vae", "samplers"]
+STAGES = ["clip", "unet", "vae", "samplers", "checkpoint"]
 SEED = 0
 
 
