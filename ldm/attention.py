@@ -1,8 +1,8 @@
 """Scaled dot-product attention, softmax(Q K^T / sqrt(d)) V, behind one function with backends.
 
-`attention(q, k, v, backend=...)` is the only attention the library calls (the UNet's
-self- and cross-attention, the VAE's mid-block attention). The backend is an argument of
-each call, so a model picks one per model or per forward pass; there is no global switch:
+`attention(q, k, v, backend=...)` computes the UNet's self- and cross-attention, and any
+other stage can call it. The backend is an argument of each call, so a model picks one per
+model or per forward pass; there is no global switch:
 
     "math"    the readable specification below. It can hand back the attention
               probabilities (`return_probs=True`) for inspection, and it works through the
