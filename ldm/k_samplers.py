@@ -1,0 +1,157 @@
+"""Sigma-space samplers (Karras et al. 2022 / k-diffusion): Euler, Euler ancestral, Heun, LMS.
+
+These samplers integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma on the
+sigma-space latent x = x_0 + sigma eps, from sigma_max down to 0. The network was trained in DDPM
+space, so the denoiser D scales its input back and asks for eps at the matching timestep:
+
+    D(x; sigma) = x - sigma * eps_fn(x / sqrt(sigma^2 + 1), t(sigma))
+
+which is what diffusers' `scale_model_input` + interpolated timesteps do. Use them through
+`ldm.samplers.sample("euler", ...)`; this module holds the grids and the loops.
+
+Notation (shared with ldm/samplers.py):
+
+    symbol        code           meaning
+    t             t              training timestep, 0 (clean) .. T-1 (noisiest); fractional here
+    sigma_i       sigmas[i]      noise level of step i; sigmas[N] = 0
+    x             x              sigma-space latent x_0 + sigma eps (the DDPM latent / sqrt(alpha_bar))
+    D(x; sigma)   x0_pred        the denoiser's estimate of x_0 ("denoised")
+    d             d              ODE slope (x - D) / sigma, i.e. the predicted eps
+    eps_fn        eps_fn         the network: eps_fn(x_t, t) -> eps (or v for v-prediction)
+
+Every sampler takes the whole grid (t, sigmas) and a start index `start` (img2img skips the first
+steps), keeps any history it needs in local variables, and returns the final x (sigma = 0).
+"""
+from __future__ import annotations
+
+from math import prod
+from typing import Callable
+
+import torch
+from numpy.polynomial import Polynomial
+
+from ldm.schedule import Schedule, karras_sigmas
+
+__all__ = ["sigma_grid", "denoise", "randn", "euler", "euler_ancestral", "heun", "lms", "lms_coefficient"]
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+
+
+def randn(shape, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """N(0, I) drawn exactly as diffusers' randn_tensor does: on the generator's device, then moved."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
+
+
+def sigma_grid(schedule: Schedule, steps: int, spacing: str = "linspace", karras: bool = False):
+    """The N timesteps (float32, (N,)) and N+1 sigmas (float32, (N+1,), ending in 0) of a sigma-space run.
+
+    Sigma is interpolated at each (fractional) t; with karras=True the sigmas are replaced by
+    Karras et al.'s rho = 7 ramp between the same end points, and t is recomputed from them.
+    """
+    t = schedule.timesteps(steps, spacing, rounded=False).float()  # (N,) as the reference stores them
+    sigmas = schedule.sigma_at(t)  # (N,) float64
+    if karras:
+        sigmas = karras_sigmas(steps, sigmas[-1].item(), sigmas[0].item())
+        t = schedule.t_at_sigma(sigmas).float()
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # (N+1,)
+    return t, sigmas
+
+
+def denoise(eps_fn: EpsFn, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor,
+            prediction_type: str = "epsilon") -> torch.Tensor:
+    """D(x; sigma): one network call on the scaled input, converted to an x_0 estimate."""
+    model_out = eps_fn(x / ((sigma**2 + 1) ** 0.5), t.to(x.device))  # DDPM-space input sqrt(alpha_bar) x
+    if prediction_type == "epsilon":
+        return x - sigma * model_out
+    # v-prediction (Salimans & Ho 2022): v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0
+    return model_out * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+
+
+def euler(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0,
+          prediction_type: str = "epsilon", callback: Callback = None, **_) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 with S_churn = 0)."""
+    for i in range(start, len(t)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0_pred = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i)
+        d = (x - x0_pred) / sigma  # 2. slope dx/dsigma
+        x = x + d * (sigma_next - sigma)  # 3. x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d
+        if callback is not None:
+            callback(i, x, x0_pred)
+    return x
+
+
+def euler_ancestral(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0,
+                    prediction_type: str = "epsilon", callback: Callback = None,
+                    generator: torch.Generator | None = None, **_) -> torch.Tensor:
+    """Euler ancestral (k-diffusion `sample_euler_ancestral`): step down to sigma_down, add noise sigma_up.
+
+    sigma_up^2 + sigma_down^2 = sigma_next^2, and sigma_up is the DDPM posterior's noise (eta = 1).
+    """
+    for i in range(start, len(t)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0_pred = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i)
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5  # 2. split sigma_next
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        d = (x - x0_pred) / sigma  # 3. deterministic Euler step to sigma_down
+        x = x + d * (sigma_down - sigma)
+        noise = randn(x0_pred.shape, generator, x0_pred.dtype, x.device)  # 4. fresh noise, even at the end
+        x = x + noise * sigma_up
+        if callback is not None:
+            callback(i, x, x0_pred)
+    return x
+
+
+def heun(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0,
+         prediction_type: str = "epsilon", callback: Callback = None, **_) -> torch.Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 2, S_churn = 0): 2 network calls per step.
+
+    The last step (to sigma = 0) is a plain Euler step, as in the paper.
+    """
+    for i in range(start, len(t)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0_pred = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i)
+        d = (x - x0_pred) / sigma  # 2. slope at sigma_i
+        dt = sigma_next - sigma
+        if sigma_next == 0:  # 3a. last step: Euler
+            x = x + d * dt
+        else:  # 3b. Euler predictor, then the trapezoid corrector with the slope at sigma_{i+1}
+            x_euler = x + d * dt
+            x0_next = denoise(eps_fn, x_euler, sigma_next, t[i + 1], prediction_type)
+            d_next = (x_euler - x0_next) / sigma_next
+            x = x + (d + d_next) / 2 * dt
+        if callback is not None:
+            callback(i, x, x0_pred)
+    return x
+
+
+def lms_coefficient(sigma_hist: list[float], k: int, sigma_from: float, sigma_to: float) -> float:
+    """Integral over [sigma_from, sigma_to] of the k-th Lagrange basis polynomial on the nodes sigma_hist.
+
+    sigma_hist[j] is the noise level j steps back (j = 0 is the current one). The polynomial has degree
+    len(sigma_hist) - 1 <= 3, so its exact antiderivative is used (the reference integrates numerically).
+    """
+    others = [s for j, s in enumerate(sigma_hist) if j != k]
+    basis = Polynomial.fromroots(others) / prod(sigma_hist[k] - s for s in others) if others else Polynomial([1.0])
+    antiderivative = basis.integ()
+    return float(antiderivative(sigma_to) - antiderivative(sigma_from))
+
+
+def lms(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0,
+        prediction_type: str = "epsilon", callback: Callback = None, order: int = 4, **_) -> torch.Tensor:
+    """Linear multistep (k-diffusion `sample_lms`): integrate the polynomial through the last `order` slopes.
+
+    x_{i+1} = x_i + sum_k c_k d_{i-k},   c_k = int_{sigma_i}^{sigma_{i+1}} l_k(sigma) dsigma  (Lagrange basis l_k)
+    """
+    ds: list[torch.Tensor] = []  # slopes d_i, d_{i-1}, ... newest first
+    for i in range(start, len(t)):
+        sigma = sigmas[i]
+        x0_pred = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i)
+        ds = [(x - x0_pred) / sigma] + ds[: order - 1]  # 2. slope history, newest first
+        hist = [float(sigmas[i - j]) for j in range(len(ds))]  # 3. the nodes sigma_i, sigma_{i-1}, ...
+        coeffs = [lms_coefficient(hist, k, float(sigma), float(sigmas[i + 1])) for k in range(len(ds))]
+        x = x + sum(c * d for c, d in zip(coeffs, ds))  # 4. x_{i+1}
+        if callback is not None:
+            callback(i, x, x0_pred)
+    return x

@@ -1,0 +1,311 @@
+"""Samplers: turn a noise-predicting network into an image latent. One entry point, `sample`.
+
+    from ldm import schedule, samplers
+    sched = schedule.Schedule.sd1()
+    x0 = samplers.sample("euler", eps_fn, noise, steps=25, schedule=sched, generator=g)
+
+`eps_fn(x_t, t) -> eps` is the network in DDPM parametrisation (x_t = sqrt(alpha_bar_t) x_0 +
+sqrt(1 - alpha_bar_t) eps), with t a 0-dim float32 tensor (fractional for the sigma-space
+samplers). It returns v instead of eps when prediction_type="v_prediction" (SD 2.x). `noise` is the
+standard-normal draw; `sample` multiplies it by the sampler's initial sigma itself. Each sampler
+passes eps_fn exactly the (x, t) sequence that diffusers' pipeline passes its UNet for the matching
+scheduler (configured as SD 1.x configures it), and draws its random noise from `generator` in the
+same order, shapes and dtypes, so results match diffusers step for step.
+
+This file holds the DDPM-space samplers (the latent is x_t itself): DDIM, DDPM, PNDM/PLMS, DPM++ 2M.
+The sigma-space ones (Euler, Euler ancestral, Heun, LMS) are in ldm/k_samplers.py.
+
+Notation:
+
+    symbol            code              meaning
+    T                 T                 training timesteps (1000)
+    N                 steps             sampling steps
+    t, t_prev         t, t_prev         current / next (less noisy) timestep; t_prev < 0 means "done"
+    beta_t            betas[t]          per-step noise variance of the forward process
+    alpha_bar_t       ab_t              prod_{s<=t} (1 - beta_s)
+    x_t               x                 the latent at timestep t
+    eps               eps               predicted noise
+    x_0|t             x0_pred           predicted clean latent given x_t
+    sigma_t (DDIM)    std_dev           std of the noise DDIM adds (eta * DDPM posterior std)
+    sigma, lambda     sigma, lam        sigma-space noise level; lambda = log(alpha/sigma), half log-SNR
+    eta               eta               DDIM stochasticity: 0 deterministic, 1 = DDPM posterior
+
+All samplers are pure: they read the grid, keep their history (PLMS's eps list, DPM's x0 list) in
+local variables, never edit the caller's tensors, and need no set-up call.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ldm import k_samplers
+from ldm.k_samplers import randn
+from ldm.schedule import SPACINGS, Schedule, img2img_start_step, karras_sigmas
+
+__all__ = ["SAMPLERS", "PREDICTION_TYPES", "DEFAULT_SPACING", "sample", "sampler_grid", "initial_latent",
+           "ddim", "ddpm", "pndm", "dpmpp_2m", "ddim_step", "ddpm_step", "pndm_transfer", "predict_x0_eps"]
+
+SAMPLERS = ("ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "lms", "dpmpp_2m")
+SIGMA_SPACE = ("euler", "euler_a", "heun", "lms")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# diffusers' default spacing per scheduler (SD 1.x's config names none, so these apply)
+DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "pndm": "leading", "euler": "linspace",
+                   "euler_a": "linspace", "heun": "linspace", "lms": "linspace", "dpmpp_2m": "linspace"}
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+
+
+def predict_x0_eps(model_out: torch.Tensor, x: torch.Tensor, ab_t: torch.Tensor, prediction_type: str):
+    """(x0_pred, eps) from the network output at x_t. eps: Ho et al. 2020 eq. 4 solved for x_0;
+    v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho 2022, sec. 4)."""
+    if prediction_type == "epsilon":
+        return (x - (1 - ab_t) ** 0.5 * model_out) / ab_t**0.5, model_out
+    return ab_t**0.5 * x - (1 - ab_t) ** 0.5 * model_out, ab_t**0.5 * model_out + (1 - ab_t) ** 0.5 * x
+
+
+# ---- DDIM ------------------------------------------------------------------------------------
+def ddim_step(x, eps, x0_pred, ab_t, ab_prev, eta: float = 0.0, noise=None):
+    """One DDIM update (Song et al. 2020, eq. 12 with sigma_t(eta) from eq. 16) -> x_{t_prev}."""
+    variance = ((1 - ab_prev) / (1 - ab_t)) * (1 - ab_t / ab_prev)  # 1. DDPM posterior variance, eq. 16
+    std_dev = eta * variance**0.5
+    direction = (1 - ab_prev - std_dev**2) ** 0.5 * eps  # 2. "direction pointing to x_t"
+    x_prev = ab_prev**0.5 * x0_pred + direction  # 3. eq. 12
+    if eta > 0:
+        x_prev = x_prev + std_dev * noise  # 4. random noise, sigma_t eps_t
+    return x_prev
+
+
+def ddim(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, eta=0.0, generator=None,
+         prediction_type="epsilon", callback: Callback = None, **_):
+    """DDIM (Song et al. 2020, eq. 12). Like diffusers, it steps from t to t - T // N whatever the spacing."""
+    ratio = sched.num_train_timesteps // len(t)
+    for i in range(start, len(t)):
+        t_now, t_prev = int(t[i]), int(t[i]) - ratio
+        ab_t = sched.alpha_bar[t_now]
+        ab_prev = sched.alpha_bar[t_prev] if t_prev >= 0 else sched.alpha_bar_final
+        out = eps_fn(x, t[i].float().to(x.device))
+        x0_pred, eps = predict_x0_eps(out, x, ab_t, prediction_type)
+        noise = randn(out.shape, generator, out.dtype, x.device) if eta > 0 else None
+        x = ddim_step(x, eps, x0_pred, ab_t, ab_prev, eta, noise)
+        if callback is not None:
+            callback(i, x, x0_pred)
+    return x
+
+
+# ---- DDPM ------------------------------------------------------------------------------------
+def ddpm_step(x, x0_pred, ab_t, ab_prev, noise=None):
+    """Ancestral step x_t -> x_{t_prev} ~ q(x_{t_prev} | x_t, x_0 = x0_pred) (Ho et al. 2020, eqs. 6-7)."""
+    alpha_t = ab_t / ab_prev  # 1. the alpha of the (possibly multi-step) jump t -> t_prev
+    beta_t = 1 - alpha_t
+    mean = ((ab_prev**0.5 * beta_t) / (1 - ab_t)) * x0_pred + (alpha_t**0.5 * (1 - ab_prev) / (1 - ab_t)) * x  # eq. 7
+    if noise is None:
+        return mean
+    variance = torch.clamp((1 - ab_prev) / (1 - ab_t) * beta_t, min=1e-20)  # 2. beta-tilde, eq. 7
+    return mean + variance**0.5 * noise
+
+
+def ddpm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, generator=None,
+         prediction_type="epsilon", callback: Callback = None, **_):
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2 / eq. 11 via eqs. 6-7), on N of the T timesteps."""
+    for i in range(start, len(t)):
+        t_now = int(t[i])
+        ab_t = sched.alpha_bar[t_now]
+        ab_prev = sched.alpha_bar[int(t[i + 1])] if i + 1 < len(t) else torch.tensor(1.0)  # x_0 after the end
+        out = eps_fn(x, t[i].float().to(x.device))
+        x0_pred, _ = predict_x0_eps(out, x, ab_t, prediction_type)
+        noise = randn(out.shape, generator, out.dtype, x.device) if t_now > 0 else None
+        x = ddpm_step(x, x0_pred, ab_t, ab_prev, noise)
+        if callback is not None:
+            callback(i, x, x0_pred)
+    return x
+
+
+# ---- PNDM / PLMS -----------------------------------------------------------------------------
+def pndm_transfer(x, model_out, ab_t, ab_prev, prediction_type="epsilon"):
+    """The transfer part phi(x_t, eps, t, t_prev) of PNDM (Liu et al. 2022, eq. 11): a DDIM step, rearranged.
+
+    model_out is eps, or v (converted to eps here with x, as the reference does after combining v's).
+    """
+    eps = model_out if prediction_type == "epsilon" else ab_t**0.5 * model_out + (1 - ab_t) ** 0.5 * x
+    denom = ab_t * (1 - ab_prev) ** 0.5 + (ab_t * (1 - ab_t) * ab_prev) ** 0.5
+    return (ab_prev / ab_t) ** 0.5 * x - (ab_prev - ab_t) * eps / denom
+
+
+def pndm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, prediction_type="epsilon",
+         callback: Callback = None, **_):
+    """PLMS, "pseudo linear multistep" (Liu et al. 2022, eq. 12), as SD 1.x ran it (diffusers, skip_prk_steps).
+
+    Step `start` is a 2nd-order warm-up (two network calls, averaged output, Heun-like); later steps use
+    the Adams-Bashforth combination of the last up to 4 outputs. Each step goes from t to t - T // N.
+    """
+    ratio = sched.num_train_timesteps // len(t)
+
+    def ab(t_: int):  # alpha_bar, with alpha_bar_final past the end
+        return sched.alpha_bar[t_] if t_ >= 0 else sched.alpha_bar_final
+
+    history: list[torch.Tensor] = []  # network outputs at the grid points, oldest first
+    for i in range(start, len(t)):
+        t_now = int(t[i])
+        out = eps_fn(x, t[i].float().to(x.device))  # 1. eps (or v) at (x_t, t)
+        x0_pred, _ = predict_x0_eps(out, x, ab(t_now), prediction_type)
+        if i == start and i + 1 < len(t):  # 2a. warm-up: DDIM to t_{i+1}, output there, redo with the mean
+            t_next = int(t[i + 1])
+            x_ddim = pndm_transfer(x, out, ab(t_now), ab(t_now - ratio), prediction_type)
+            out_next = eps_fn(x_ddim, t[i + 1].float().to(x.device))
+            x = pndm_transfer(x, (out_next + out) / 2, ab(t_next + ratio), ab(t_next), prediction_type)
+            history = [out]
+        else:  # 2b. linear multistep (Adams-Bashforth weights), newest output first
+            history = (history + [out])[-4:]
+            e = history[::-1]
+            if len(e) == 1:
+                out_prime = e[0]
+            elif len(e) == 2:
+                out_prime = (3 * e[0] - e[1]) / 2
+            elif len(e) == 3:
+                out_prime = (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
+            else:
+                out_prime = (1 / 24) * (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3])
+            x = pndm_transfer(x, out_prime, ab(t_now), ab(t_now - ratio), prediction_type)
+        if callback is not None:
+            callback(i, x, x0_pred)
+    return x
+
+
+# ---- DPM-Solver++ (2M) -----------------------------------------------------------------------
+def _alpha_sigma(sigma):
+    """VP coefficients of a sigma-space noise level: alpha = 1 / sqrt(1 + sigma^2), sigma_vp = sigma alpha."""
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha, sigma * alpha
+
+
+def dpmpp_2m(eps_fn: EpsFn, x, t, sigmas, *, start=0, prediction_type="epsilon",
+             callback: Callback = None, **_):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2, midpoint form), data prediction.
+
+    First order (= DDIM) on the first step and on the last step (to sigma = 0), second order between.
+    """
+    x0_prev = None
+    for i in range(start, len(t)):
+        alpha_s, sigma_s = _alpha_sigma(sigmas[i])
+        alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
+        out = eps_fn(x, t[i].float().to(x.device))
+        if prediction_type == "epsilon":  # 1. x0 estimate (data prediction)
+            x0_pred = (x - sigma_s * out) / alpha_s
+        else:
+            x0_pred = alpha_s * x - sigma_s * out
+        lam_s = torch.log(alpha_s) - torch.log(sigma_s)  # 2. half log-SNR; lambda_t = inf at sigma = 0
+        lam_t = torch.log(alpha_t) - torch.log(sigma_t)
+        h = lam_t - lam_s
+        if x0_prev is None or i == len(t) - 1:  # 3a. first order: DPM-Solver++ 1 (eq. 9, = DDIM)
+            x_next = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0_pred
+        else:  # 3b. second order: extrapolate x0 linearly in lambda (r = h_prev / h)
+            alpha_prev, sigma_prev = _alpha_sigma(sigmas[i - 1])
+            r = (lam_s - (torch.log(alpha_prev) - torch.log(sigma_prev))) / h
+            D0, D1 = x0_pred, (1.0 / r) * (x0_pred - x0_prev)
+            x_next = ((sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * D0
+                      - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1)
+        x, x0_prev = x_next, x0_pred
+        if callback is not None:
+            callback(i, x, x0_pred)
+    return x
+
+
+# ---- grids and the entry point ---------------------------------------------------------------
+def sampler_grid(name: str, schedule: Schedule, steps: int, spacing: str | None = None, karras: bool = False):
+    """(t, sigmas): the N timesteps a sampler calls eps_fn at, and (for sigma-space and DPM) N+1 sigmas."""
+    spacing = spacing or DEFAULT_SPACING[name]
+    if name in SIGMA_SPACE:
+        return k_samplers.sigma_grid(schedule, steps, spacing, karras)
+    if name == "dpmpp_2m":
+        # DPM-Solver's grid: N+1 points with the last (t ~ 0) dropped, except for trailing
+        if spacing == "trailing":
+            t = schedule.timesteps(steps, spacing)
+        else:
+            if steps >= schedule.num_train_timesteps:
+                raise ValueError(f"steps={steps} is not allowed for dpmpp_2m with spacing={spacing!r}: "
+                                 f"use 1 to {schedule.num_train_timesteps - 1}")
+            t = schedule.timesteps(steps + 1, spacing)[:-1]
+        if karras:  # Karras ramp over the whole table, t rounded back to integers (not for cosine)
+            sigmas = karras_sigmas(steps, schedule.sigmas[0].item(), schedule.sigmas[-1].item())
+            t = schedule.t_at_sigma(sigmas)
+            t = t.round() if schedule.beta_schedule != "cosine" else t
+        else:
+            sigmas = schedule.sigma_at(t)
+        return t.float(), torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    return schedule.timesteps(steps, spacing).float(), None
+
+
+def initial_latent(name: str, noise: torch.Tensor, sigmas: torch.Tensor | None, spacing: str) -> torch.Tensor:
+    """x at the first step from a standard-normal draw: noise times the sampler's init_noise_sigma.
+
+    1 for the DDPM-space samplers; sigma_max for sigma-space ones, or sqrt(sigma_max^2 + 1) with
+    "leading" spacing (diffusers' convention).
+    """
+    if name not in SIGMA_SPACE:
+        return noise
+    sigma_max = sigmas.max()
+    return noise * (sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5)
+
+
+def _check(name, steps, schedule, spacing, karras, eta, prediction_type, strength, noise, init):
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} is unknown; valid: {', '.join(SAMPLERS)}")
+    schedule.check_steps(steps)
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"spacing={spacing!r} is unknown; valid: {', '.join(SPACINGS)}")
+    if karras and name not in (*SIGMA_SPACE, "dpmpp_2m"):
+        raise ValueError(f"karras=True is not available for {name!r}; it works with: "
+                         f"{', '.join((*SIGMA_SPACE, 'dpmpp_2m'))}")
+    if not eta >= 0:
+        raise ValueError(f"eta={eta!r} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+    if eta > 0 and name != "ddim":
+        raise ValueError(f"eta={eta!r} only applies to 'ddim', not {name!r}; leave eta=0")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r} is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength={strength!r} is outside [0, 1]: 1 noises the image fully, 0 not at all")
+    if init is not None and init.shape != noise.shape:
+        raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
+
+
+def sample(name: str, eps_fn: EpsFn, noise: torch.Tensor, steps: int, schedule: Schedule | None = None, *,
+           generator: torch.Generator | None = None, callback: Callback = None, spacing: str | None = None,
+           karras: bool = False, eta: float = 0.0, prediction_type: str = "epsilon",
+           init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+    """Run sampler `name` for `steps` steps and return the final latent x_0 (same shape as noise).
+
+    name: one of SAMPLERS. noise: N(0, I) of the latent's shape (scaled here by the initial sigma).
+    schedule: defaults to Schedule.sd1(). generator: the source of the noise DDPM, Euler ancestral and
+    DDIM with eta > 0 add during sampling. callback(i, x, x0_pred) runs after step i (0..N-1) with the
+    new latent and the x_0 estimate that drove the step. spacing: None picks the reference's default
+    for that sampler (DEFAULT_SPACING). karras: Karras sigmas (sigma-space samplers and dpmpp_2m).
+    eta: DDIM only. prediction_type: "epsilon" or "v_prediction".
+    img2img: pass init (the encoded image latent, already times 0.18215) and strength in [0, 1]; the first
+    img2img_start_step(steps, strength) steps are skipped and `noise` is added to init at the first
+    step that runs (q(x_t | x_0)). With strength 0 no step runs and init comes back unchanged.
+    """
+    schedule = schedule or Schedule.sd1()
+    _check(name, steps, schedule, spacing, karras, eta, prediction_type, strength, noise, init)
+    spacing = spacing or DEFAULT_SPACING[name]
+    t, sigmas = sampler_grid(name, schedule, steps, spacing, karras)
+    start = 0
+    if init is None:
+        x = initial_latent(name, noise, sigmas, spacing)
+    else:
+        start = img2img_start_step(steps, strength)
+        if start == len(t):
+            return init.clone()
+        if name in SIGMA_SPACE:  # x = x_0 + sigma eps
+            x = init + noise * sigmas[start].to(init.dtype)
+        elif name == "dpmpp_2m":  # x = alpha x_0 + sigma_vp eps at the start sigma
+            alpha, sigma_vp = _alpha_sigma(sigmas[start].to(init.dtype))
+            x = alpha * init + sigma_vp * noise
+        else:
+            x = schedule.add_noise(init, noise, int(t[start]))
+    loop = {"ddim": ddim, "ddpm": ddpm, "pndm": pndm, "dpmpp_2m": dpmpp_2m, "euler": k_samplers.euler,
+            "euler_a": k_samplers.euler_ancestral, "heun": k_samplers.heun, "lms": k_samplers.lms}[name]
+    grid = sigmas if name in (*SIGMA_SPACE, "dpmpp_2m") else schedule
+    return loop(eps_fn, x, t, grid, start=start, eta=eta, generator=generator,
+                prediction_type=prediction_type, callback=callback)
