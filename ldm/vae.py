@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm.attention import BACKENDS, attention
+
 __all__ = ["SCALING_FACTOR", "VAEConfig", "DiagonalGaussian", "ResnetBlock", "AttnBlock",
            "Downsample", "Upsample", "MidBlock", "Encoder", "Decoder", "AutoencoderKL", "capture"]
 
@@ -127,6 +129,15 @@ def Normalize(channels: int, cfg: VAEConfig) -> nn.GroupNorm:
     return nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps, affine=True)
 
 
+def silu_(h: torch.Tensor) -> torch.Tensor:
+    """SiLU(h) = h * sigmoid(h), written over h when no gradient flows through it.
+
+    Every call site passes a fresh GroupNorm output that nothing else holds, so at inference
+    this saves one full-size activation (256 MiB at the decoder's 512x512 level).
+    """
+    return F.silu(h, inplace=not h.requires_grad)
+
+
 class ResnetBlock(nn.Module):
     """x + conv2(SiLU(norm2(conv1(SiLU(norm1(x)))))), with a 1x1 `nin_shortcut` when widths differ.
 
@@ -146,11 +157,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(silu_(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.conv2(silu_(self.norm2(h)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x)  # x + h, added into conv2's fresh output (its backward does not need it)
 
 
 class AttnBlock(nn.Module):
@@ -158,10 +169,13 @@ class AttnBlock(nn.Module):
 
     x + proj_out(softmax(q k^T / sqrt(C)) v), with q = q(norm(x)) etc. The only attention in the
     VAE: one per mid-block, at the lowest resolution (64x64 = 4096 positions for a 512 image).
+    `backend` is the ldm.attention backend ("auto": torch's fused SDPA on the CPU; "math" is
+    the readable path); AutoencoderKL.attention_backend sets it for both blocks.
     """
 
-    def __init__(self, channels: int, cfg: VAEConfig):
+    def __init__(self, channels: int, cfg: VAEConfig, backend: str = "auto"):
         super().__init__()
+        self.backend = backend
         self.norm = Normalize(channels, cfg)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
@@ -173,7 +187,7 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         # one head: (B, C, H, W) -> (B, heads=1, N=H*W, head_dim=C)
         q, k, v = (rearrange(conv(h), "b c h w -> b 1 (h w) c") for conv in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C); (B, 1, N, C)
+        h = attention(q, k, v, backend=self.backend)  # scale 1/sqrt(C); (B, 1, N, C)
         h = rearrange(h, "b 1 (h w) c -> b c h w", h=H, w=W)
         return x + self.proj_out(h)
 
@@ -268,7 +282,7 @@ class Encoder(nn.Module):
         for level in self.down:  # SD 1.x: (B,128,H,W) -> (B,256,H/2,.) -> (B,512,H/4,.) -> (B,512,H/8,.)
             h = level(h)
         h = self.mid(h)  # (B, 512, H/8, W/8)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2 z_channels, H/8, W/8)
+        return self.conv_out(silu_(self.norm_out(h)))  # (B, 2 z_channels, H/8, W/8)
 
 
 class Decoder(nn.Module):
@@ -297,7 +311,7 @@ class Decoder(nn.Module):
         h = self.mid(h)
         for level in reversed(self.up):  # SD 1.x: (B,512,2h,.) -> (B,512,4h,.) -> (B,256,8h,.) -> (B,128,8h,.)
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, 8h, 8w)
+        return self.conv_out(silu_(self.norm_out(h)))  # (B, 3, 8h, 8w)
 
 
 # --- the autoencoder -------------------------------------------------------------------------
@@ -325,13 +339,25 @@ def _ramp(length: int, start: int, total: int, fade: int, device, dtype) -> torc
 class AutoencoderKL(nn.Module):
     """encoder + quant_conv -> DiagonalGaussian;  post_quant_conv + decoder -> image."""
 
-    def __init__(self, cfg: VAEConfig = VAEConfig()):
+    def __init__(self, cfg: VAEConfig = VAEConfig(), attention_backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.attention_backend = attention_backend
+
+    @property
+    def attention_backend(self) -> str:
+        """The ldm.attention backend of both mid-block attentions ("auto", "math", "sdpa", "triton")."""
+        return self.decoder.mid.attn_1.backend
+
+    @attention_backend.setter
+    def attention_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"AutoencoderKL: attention_backend={backend!r} is not one of {BACKENDS}")
+        self.encoder.mid.attn_1.backend = self.decoder.mid.attn_1.backend = backend
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, in_channels, H, W) in [-1, 1], H and W multiples of 8 -> the posterior q(z|x).

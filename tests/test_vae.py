@@ -117,6 +117,20 @@ def test_attention_block_matches():
             assert_close(mine(x), theirs(x), **TOL)
 
 
+def test_attention_backends_agree():
+    ref_vae, ours, ref = _pair()
+    x = ref_vae.example_image(size=32)
+    vae = copy.deepcopy(ours)
+    with torch.no_grad():
+        expected = ref.encode(x).latent_dist.mean
+        for backend in ("math", "sdpa", "auto"):
+            vae.attention_backend = backend
+            assert vae.encoder.mid.attn_1.backend == vae.decoder.mid.attn_1.backend == backend
+            assert_close(vae.encode(x).mean, expected, **TOL)
+    with pytest.raises(ValueError, match="attention_backend='flash'"):
+        vae.attention_backend = "flash"
+
+
 def test_resampling_blocks_match():
     _, ours, ref = _pair()
     down, up = ours.encoder.down[0].downsample, ours.decoder.up[1].upsample
