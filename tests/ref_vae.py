@@ -59,13 +59,23 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def ours(cfg: VAEConfig, seed: int = 0) -> AutoencoderKL:
+    """Our autoencoder with seeded random weights, in eval mode (the same weights as pair's)."""
+    torch.manual_seed(seed)
+    return randomize_(AutoencoderKL(cfg), seed).eval()
+
+
+def to_diffusers(model: AutoencoderKL):
+    """diffusers.AutoencoderKL holding the same tensors as `model` (no copy)."""
+    ref = diffusers_vae(model.cfg, device="meta")
+    ref.load_state_dict(to_diffusers_state_dict(model.state_dict(), model.cfg), strict=True, assign=True)
+    return ref.eval()
+
+
 def pair(cfg: VAEConfig, seed: int = 0):
     """(ours, diffusers') autoencoders with the same random weights, in eval mode."""
-    torch.manual_seed(seed)
-    ours = randomize_(AutoencoderKL(cfg), seed).eval()
-    ref = diffusers_vae(cfg, device="meta")
-    ref.load_state_dict(to_diffusers_state_dict(ours.state_dict(), cfg), strict=True, assign=True)
-    return ours, ref.eval()
+    model = ours(cfg, seed)
+    return model, to_diffusers(model)
 
 
 @functools.lru_cache(maxsize=1)

@@ -204,7 +204,9 @@ def test_shapes_and_scaling_factor():
         post = vae.encode(x)
         assert isinstance(post, DiagonalGaussian)
         assert post.mean.shape == post.logvar.shape == post.std.shape == (1, 4, 8, 5)
-        assert vae.decode(post.mode()).shape == (1, 3, 64, 40)
+        image = vae.decode(post.mode())
+        assert image.shape == (1, 3, 64, 40) and image.is_contiguous()  # NCHW, whatever runs inside
+        assert post.mean.is_contiguous()
     assert SCALING_FACTOR == 0.18215
 
 
