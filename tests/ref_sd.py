@@ -79,11 +79,12 @@ def write_config_folder(folder: Path, configs: dict) -> Path:
     return folder
 
 
-def load_with_diffusers(path: Path, configs: dict, config_folder: Path):
-    """diffusers' own single-file loader, offline, on a checkpoint written by ldm.weights."""
+def load_with_diffusers(path: Path, configs: dict, config_folder: Path, **kwargs):
+    """diffusers' own single-file loader, offline, on a checkpoint written by ldm.weights
+    (kwargs go to from_single_file, e.g. torch_dtype)."""
     from diffusers import StableDiffusionPipeline
 
     write_config_folder(config_folder, configs)
     return StableDiffusionPipeline.from_single_file(
         str(path), config=str(config_folder), local_files_only=True,
-        safety_checker=None, requires_safety_checker=False)
+        safety_checker=None, requires_safety_checker=False, **kwargs)
