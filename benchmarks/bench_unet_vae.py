@@ -71,6 +71,31 @@ BUILDERS = {"unet": build_unet}
 IMPLS = {"unet": ["ours", "diffusers"]}
 
 
+def build_vae(impl: str, case: Case):
+    """One VAE decode: an unscaled (batch, 4, size, size) latent -> (batch, 3, 8 size, 8 size)."""
+    import torch
+
+    import ref_vae
+    from ldm.vae import SCALING_FACTOR, VAEConfig
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(case.batch, 4, case.size, case.size, generator=g) / SCALING_FACTOR
+    ours = ref_vae.ours(VAEConfig(), seed=0)
+    if impl == "diffusers":
+        ref = ref_vae.to_diffusers(ours)      # the same tensors, diffusers' modules
+        return lambda: ref.decode(z).sample
+    return lambda: ours.decode(z)
+
+
+# The VAE decode, one run per case (a 64x64 latent takes ~20 s on 2 cores); --repeats adds more.
+CASES += [
+    Case("vae-32", "vae", batch=1, size=32, repeats=0),      # 256x256 image
+    Case("vae-64", "vae", batch=1, size=64, repeats=0),      # 512x512
+]
+BUILDERS["vae"] = build_vae
+IMPLS["vae"] = ["ours", "diffusers"]
+
+
 def status_mib(field: str) -> float:
     """A line of /proc/self/status (VmRSS, VmHWM) in MiB."""
     with open("/proc/self/status") as f:
