@@ -94,7 +94,7 @@ class DiagonalGaussian:
     """q(z|x) = N(mean, diag(exp(logvar))), read from quant_conv's output (B, 2 embed_dim, h, w).
 
     The first half of the channels is the mean, the second half the log-variance, clamped to
-    [-30, 20] as in CompVis (a numerical guard; real encoders give logvar around -20..-5).
+    [-30, 20] as in CompVis (a numerical guard against exp overflow and log 0).
     """
 
     def __init__(self, moments: torch.Tensor):

@@ -197,6 +197,23 @@ def test_full_size_model_matches_diffusers():
                  ref_vae.example_latent(batch=1, size=8))
 
 
+def test_gradients_match_diffusers():
+    """Training still works: the in-place SiLU and residual add keep autograd intact."""
+    ref_vae, ours, ref = _pair()
+    x = ref_vae.example_image(batch=1, size=16).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    loss = ours(x).square().mean() + ours.encode(x).kl().mean()
+    loss_ref = ref(x_ref).sample.square().mean() + ref.encode(x_ref).latent_dist.kl().mean()
+    loss.backward()
+    loss_ref.backward()
+    assert_close(x.grad, x_ref.grad, **TOL)
+    name = "decoder.up.0.block.0.conv1.weight"
+    ref_grad = ref.decoder.up_blocks[3].resnets[0].conv1.weight.grad
+    assert_close(dict(ours.named_parameters())[name].grad, ref_grad, **TOL)
+    ours.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
+
+
 def test_shapes_and_scaling_factor():
     vae = AutoencoderKL(VAEConfig.tiny()).eval()
     x = torch.zeros(1, 3, 64, 40)
