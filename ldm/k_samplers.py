@@ -36,10 +36,19 @@ __all__ = ["sigma_grid", "denoise", "randn", "euler", "euler_ancestral", "heun",
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+StepHook = Callable[[int, torch.Tensor], torch.Tensor] | None  # (i, x) -> the x to continue from
 
 
-def randn(shape, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """N(0, I) drawn exactly as diffusers' randn_tensor does: on the generator's device, then moved."""
+def randn(shape, generator: torch.Generator | list[torch.Generator] | None, dtype: torch.dtype,
+          device: torch.device) -> torch.Tensor:
+    """N(0, I) drawn exactly as diffusers' randn_tensor does: on the generator's device, then moved.
+
+    A list of generators (one per batch row, as pipelines pass them) draws row b from generator[b].
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: pass one per row")
+        return torch.cat([randn((1, *shape[1:]), g, dtype, device) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
 
@@ -70,20 +79,23 @@ def denoise(eps_fn: EpsFn, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor
 
 
 def euler(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0,
-          prediction_type: str = "epsilon", callback: Callback = None, **_) -> torch.Tensor:
+          prediction_type: str = "epsilon", callback: Callback = None, step_hook: StepHook = None,
+          **_) -> torch.Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 with S_churn = 0)."""
     for i in range(start, len(t)):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0_pred = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i)
         d = (x - x0_pred) / sigma  # 2. slope dx/dsigma
         x = x + d * (sigma_next - sigma)  # 3. x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d
+        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
+            x = step_hook(i, x)
         if callback is not None:
             callback(i, x, x0_pred)
     return x
 
 
 def euler_ancestral(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0,
-                    prediction_type: str = "epsilon", callback: Callback = None,
+                    prediction_type: str = "epsilon", callback: Callback = None, step_hook: StepHook = None,
                     generator: torch.Generator | None = None, **_) -> torch.Tensor:
     """Euler ancestral (k-diffusion `sample_euler_ancestral`): step down to sigma_down, add noise sigma_up.
 
@@ -98,13 +110,16 @@ def euler_ancestral(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: tor
         x = x + d * (sigma_down - sigma)
         noise = randn(x0_pred.shape, generator, x0_pred.dtype, x.device)  # 4. fresh noise, even at the end
         x = x + noise * sigma_up
+        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
+            x = step_hook(i, x)
         if callback is not None:
             callback(i, x, x0_pred)
     return x
 
 
 def heun(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0,
-         prediction_type: str = "epsilon", callback: Callback = None, **_) -> torch.Tensor:
+         prediction_type: str = "epsilon", callback: Callback = None, step_hook: StepHook = None,
+         **_) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 2, S_churn = 0): 2 network calls per step.
 
     The last step (to sigma = 0) is a plain Euler step, as in the paper.
@@ -121,6 +136,8 @@ def heun(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, 
             x0_next = denoise(eps_fn, x_euler, sigma_next, t[i + 1], prediction_type)
             d_next = (x_euler - x0_next) / sigma_next
             x = x + (d + d_next) / 2 * dt
+        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
+            x = step_hook(i, x)
         if callback is not None:
             callback(i, x, x0_pred)
     return x
@@ -139,7 +156,8 @@ def lms_coefficient(sigma_hist: list[float], k: int, sigma_from: float, sigma_to
 
 
 def lms(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0,
-        prediction_type: str = "epsilon", callback: Callback = None, order: int = 4, **_) -> torch.Tensor:
+        prediction_type: str = "epsilon", callback: Callback = None, step_hook: StepHook = None, order: int = 4,
+        **_) -> torch.Tensor:
     """Linear multistep (k-diffusion `sample_lms`): integrate the polynomial through the last `order` slopes.
 
     x_{i+1} = x_i + sum_k c_k d_{i-k},   c_k = int_{sigma_i}^{sigma_{i+1}} l_k(sigma) dsigma  (Lagrange basis l_k)
@@ -152,6 +170,8 @@ def lms(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *
         hist = [float(sigmas[i - j]) for j in range(len(ds))]  # 3. the nodes sigma_i, sigma_{i-1}, ...
         coeffs = [lms_coefficient(hist, k, float(sigma), float(sigmas[i + 1])) for k in range(len(ds))]
         x = x + sum(c * d for c, d in zip(coeffs, ds))  # 4. x_{i+1}
+        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
+            x = step_hook(i, x)
         if callback is not None:
             callback(i, x, x0_pred)
     return x

@@ -44,7 +44,8 @@ from ldm.k_samplers import randn
 from ldm.schedule import SPACINGS, Schedule, img2img_start_step, karras_sigmas
 
 __all__ = ["SAMPLERS", "PREDICTION_TYPES", "DEFAULT_SPACING", "sample", "sampler_grid", "initial_latent",
-           "ddim", "ddpm", "pndm", "dpmpp_2m", "ddim_step", "ddpm_step", "pndm_transfer", "predict_x0_eps"]
+           "noised_latent", "ddim", "ddpm", "pndm", "dpmpp_2m", "ddim_step", "ddpm_step", "pndm_transfer",
+           "predict_x0_eps"]
 
 SAMPLERS = ("ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "lms", "dpmpp_2m")
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms")
@@ -55,6 +56,7 @@ DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "pndm": "leading", "eul
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+StepHook = Callable[[int, torch.Tensor], torch.Tensor] | None  # (i, x) -> the x to continue from
 
 
 def predict_x0_eps(model_out: torch.Tensor, x: torch.Tensor, ab_t: torch.Tensor, prediction_type: str):
@@ -78,7 +80,7 @@ def ddim_step(x, eps, x0_pred, ab_t, ab_prev, eta: float = 0.0, noise=None):
 
 
 def ddim(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, eta=0.0, generator=None,
-         prediction_type="epsilon", callback: Callback = None, **_):
+         prediction_type="epsilon", callback: Callback = None, step_hook: StepHook = None, **_):
     """DDIM (Song et al. 2020, eq. 12). Like diffusers, it steps from t to t - T // N whatever the spacing."""
     ratio = sched.num_train_timesteps // len(t)
     for i in range(start, len(t)):
@@ -89,6 +91,8 @@ def ddim(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, eta=0.0, generator=No
         x0_pred, eps = predict_x0_eps(out, x, ab_t, prediction_type)
         noise = randn(out.shape, generator, out.dtype, x.device) if eta > 0 else None
         x = ddim_step(x, eps, x0_pred, ab_t, ab_prev, eta, noise)
+        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
+            x = step_hook(i, x)
         if callback is not None:
             callback(i, x, x0_pred)
     return x
@@ -107,7 +111,7 @@ def ddpm_step(x, x0_pred, ab_t, ab_prev, noise=None):
 
 
 def ddpm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, generator=None,
-         prediction_type="epsilon", callback: Callback = None, **_):
+         prediction_type="epsilon", callback: Callback = None, step_hook: StepHook = None, **_):
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2 / eq. 11 via eqs. 6-7), on N of the T timesteps."""
     for i in range(start, len(t)):
         t_now = int(t[i])
@@ -117,6 +121,8 @@ def ddpm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, generator=None,
         x0_pred, _ = predict_x0_eps(out, x, ab_t, prediction_type)
         noise = randn(out.shape, generator, out.dtype, x.device) if t_now > 0 else None
         x = ddpm_step(x, x0_pred, ab_t, ab_prev, noise)
+        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
+            x = step_hook(i, x)
         if callback is not None:
             callback(i, x, x0_pred)
     return x
@@ -134,7 +140,7 @@ def pndm_transfer(x, model_out, ab_t, ab_prev, prediction_type="epsilon"):
 
 
 def pndm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, prediction_type="epsilon",
-         callback: Callback = None, **_):
+         callback: Callback = None, step_hook: StepHook = None, **_):
     """PLMS, "pseudo linear multistep" (Liu et al. 2022, eq. 12), as SD 1.x ran it (diffusers, skip_prk_steps).
 
     Step `start` is a 2nd-order warm-up (two network calls, averaged output, Heun-like); later steps use
@@ -168,6 +174,8 @@ def pndm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, prediction_type="epsi
             else:
                 out_prime = (1 / 24) * (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3])
             x = pndm_transfer(x, out_prime, ab(t_now), ab(t_now - ratio), prediction_type)
+        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
+            x = step_hook(i, x)
         if callback is not None:
             callback(i, x, x0_pred)
     return x
@@ -181,7 +189,7 @@ def _alpha_sigma(sigma):
 
 
 def dpmpp_2m(eps_fn: EpsFn, x, t, sigmas, *, start=0, prediction_type="epsilon",
-             callback: Callback = None, **_):
+             callback: Callback = None, step_hook: StepHook = None, **_):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2, midpoint form), data prediction.
 
     First order (= DDIM) on the first step and on the last step (to sigma = 0), second order between.
@@ -207,6 +215,8 @@ def dpmpp_2m(eps_fn: EpsFn, x, t, sigmas, *, start=0, prediction_type="epsilon",
             x_next = ((sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * D0
                       - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1)
         x, x0_prev = x_next, x0_pred
+        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
+            x = step_hook(i, x)
         if callback is not None:
             callback(i, x, x0_pred)
     return x
@@ -249,6 +259,24 @@ def initial_latent(name: str, noise: torch.Tensor, sigmas: torch.Tensor | None, 
     return noise * (sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5)
 
 
+def noised_latent(name: str, x0: torch.Tensor, noise: torch.Tensor, i: int, t: torch.Tensor,
+                  sigmas: torch.Tensor | None, schedule: Schedule) -> torch.Tensor:
+    """x0 noised to the level of grid point i, in the sampler's own latent space (q(x_t | x_0)).
+
+    (t, sigmas) is sampler_grid's output; i = len(t) means "after the last step": x0 itself.
+    Sigma-space samplers: x0 + sigma_i noise; DPM++: alpha x0 + sigma_vp noise at sigma_i;
+    the others: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise at t_i (diffusers' add_noise).
+    """
+    if i == len(t):
+        return x0
+    if name in SIGMA_SPACE:  # x = x_0 + sigma eps
+        return x0 + noise * sigmas[i].to(x0.dtype)
+    if name == "dpmpp_2m":  # x = alpha x_0 + sigma_vp eps at sigma_i
+        alpha, sigma_vp = _alpha_sigma(sigmas[i].to(x0.dtype))
+        return alpha * x0 + sigma_vp * noise
+    return schedule.add_noise(x0, noise, int(t[i]))
+
+
 def _check(name, steps, schedule, spacing, karras, eta, prediction_type, strength, noise, init):
     if name not in SAMPLERS:
         raise ValueError(f"sampler {name!r} is unknown; valid: {', '.join(SAMPLERS)}")
@@ -271,20 +299,23 @@ def _check(name, steps, schedule, spacing, karras, eta, prediction_type, strengt
 
 
 def sample(name: str, eps_fn: EpsFn, noise: torch.Tensor, steps: int, schedule: Schedule | None = None, *,
-           generator: torch.Generator | None = None, callback: Callback = None, spacing: str | None = None,
+           generator: torch.Generator | list[torch.Generator] | None = None, callback: Callback = None,
+           spacing: str | None = None,
            karras: bool = False, eta: float = 0.0, prediction_type: str = "epsilon",
-           init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+           init: torch.Tensor | None = None, strength: float = 1.0, step_hook: StepHook = None) -> torch.Tensor:
     """Run sampler `name` for `steps` steps and return the final latent x_0 (same shape as noise).
 
     name: one of SAMPLERS. noise: N(0, I) of the latent's shape (scaled here by the initial sigma).
     schedule: defaults to Schedule.sd1(). generator: the source of the noise DDPM, Euler ancestral and
-    DDIM with eta > 0 add during sampling. callback(i, x, x0_pred) runs after step i (0..N-1) with the
-    new latent and the x_0 estimate that drove the step. spacing: None picks the reference's default
-    for that sampler (DEFAULT_SPACING). karras: Karras sigmas (sigma-space samplers and dpmpp_2m).
-    eta: DDIM only. prediction_type: "epsilon" or "v_prediction".
+    DDIM with eta > 0 add during sampling (a list: one generator per batch row). callback(i, x, x0_pred)
+    runs after step i (0..N-1) with the new latent and the x_0 estimate that drove the step.
+    spacing: None picks the reference's default for that sampler (DEFAULT_SPACING). karras: Karras
+    sigmas (sigma-space samplers and dpmpp_2m). eta: DDIM only. prediction_type: "epsilon" or "v_prediction".
     img2img: pass init (the encoded image latent, already times 0.18215) and strength in [0, 1]; the first
     img2img_start_step(steps, strength) steps are skipped and `noise` is added to init at the first
     step that runs (q(x_t | x_0)). With strength 0 no step runs and init comes back unchanged.
+    step_hook(i, x) -> x: runs after step i, before the callback; the sampler continues from what it
+    returns (plain-SD inpainting pastes the known region back there, noised with `noised_latent`).
     """
     schedule = schedule or Schedule.sd1()
     _check(name, steps, schedule, spacing, karras, eta, prediction_type, strength, noise, init)
@@ -297,15 +328,9 @@ def sample(name: str, eps_fn: EpsFn, noise: torch.Tensor, steps: int, schedule: 
         start = img2img_start_step(steps, strength)
         if start == len(t):
             return init.clone()
-        if name in SIGMA_SPACE:  # x = x_0 + sigma eps
-            x = init + noise * sigmas[start].to(init.dtype)
-        elif name == "dpmpp_2m":  # x = alpha x_0 + sigma_vp eps at the start sigma
-            alpha, sigma_vp = _alpha_sigma(sigmas[start].to(init.dtype))
-            x = alpha * init + sigma_vp * noise
-        else:
-            x = schedule.add_noise(init, noise, int(t[start]))
+        x = noised_latent(name, init, noise, start, t, sigmas, schedule)
     loop = {"ddim": ddim, "ddpm": ddpm, "pndm": pndm, "dpmpp_2m": dpmpp_2m, "euler": k_samplers.euler,
             "euler_a": k_samplers.euler_ancestral, "heun": k_samplers.heun, "lms": k_samplers.lms}[name]
     grid = sigmas if name in (*SIGMA_SPACE, "dpmpp_2m") else schedule
     return loop(eps_fn, x, t, grid, start=start, eta=eta, generator=generator,
-                prediction_type=prediction_type, callback=callback)
+                prediction_type=prediction_type, callback=callback, step_hook=step_hook)

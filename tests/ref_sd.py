@@ -88,3 +88,67 @@ def load_with_diffusers(path: Path, configs: dict, config_folder: Path, **kwargs
     return StableDiffusionPipeline.from_single_file(
         str(path), config=str(config_folder), local_files_only=True,
         safety_checker=None, requires_safety_checker=False, **kwargs)
+
+
+# ---- whole pipelines ---------------------------------------------------------------------------
+PIPELINE_CLASSES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+                    "inpaint": "StableDiffusionInpaintPipeline"}
+
+
+def as_pipeline(base, kind: str, scheduler: str):
+    """diffusers' pipeline class for `kind` on base's components, with the scheduler ldm calls `scheduler`."""
+    import diffusers
+    import ref_samplers
+
+    pipe = getattr(diffusers, PIPELINE_CLASSES[kind])(**{**base.components, "safety_checker": None},
+                                                       requires_safety_checker=False)
+    pipe.scheduler = ref_samplers.make_scheduler(scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@functools.lru_cache(maxsize=1)
+def full_pipeline():
+    """(ldm Pipeline, diffusers StableDiffusionPipeline) on one set of full-size SD 1.x random weights
+    (the per-stage pairs of ref_clip / ref_unet / ref_vae, which share their tensors), built once."""
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from ldm.pipeline import Pipeline
+    from ldm.tokenizer import CLIPTokenizer
+
+    te, hf_te = ref_clip.full_pair()
+    unet, d_unet = ref_unet.full_pair()
+    vae, d_vae = ref_vae.full_pair()
+    folder = Path(tempfile.mkdtemp(prefix="ldm-tok-"))
+    write_tokenizer_files(folder)
+    base = StableDiffusionPipeline(vae=d_vae, text_encoder=hf_te, tokenizer=HFTokenizer.from_pretrained(folder),
+                                   unet=d_unet, scheduler=as_pipeline_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    return Pipeline(CLIPTokenizer(), te, unet, vae, name="random-full"), base
+
+
+def as_pipeline_scheduler():
+    import ref_samplers
+
+    return ref_samplers.make_scheduler("pndm")
+
+
+def run_diffusers(pipe, prompts: list[str], seeds: list[int], *, negative: str = "", **kwargs):
+    """(uint8 images (B, H, W, 3), [latents after each step]) from a diffusers pipeline, with one CPU
+    generator per image seeded from `seeds`, as ldm's pipeline makes them."""
+    import numpy as np
+    import torch
+
+    steps = []
+
+    def record(_pipe, i, t, tensors):
+        steps.append(tensors["latents"].clone())
+        return {}
+
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    out = pipe(prompt=prompts, negative_prompt=[negative] * len(prompts), generator=generators,
+               callback_on_step_end=record, output_type="pil", **kwargs)
+    return np.stack([np.asarray(im) for im in out.images]), steps

@@ -1,0 +1,359 @@
+"""The pipeline: prompt -> tokens -> context -> denoising loop -> VAE decode -> PIL images.
+
+    pipe = ldm.load("weights/v1-5-pruned-emaonly.safetensors")        # device=, dtype=
+    images = pipe("a dog wearing a hat", steps=25, scheduler="euler", guidance=7.5, seed=0)
+    result = pipe.generate("a dog wearing a hat", seed=0)            # .images, .latents, .x0_preds
+    result = pipe.img2img("a dog wearing a hat", image, strength=0.6, seed=0)
+    result = pipe.inpaint("a cat", image, mask, seed=0)               # white = repaint
+
+Everything a step does is composed from the stages (ldm.tokenizer, ldm.clip, ldm.unet, ldm.vae)
+and ldm.samplers.sample, which owns the loop. This file adds what sits around the loop:
+
+1. Classifier-free guidance (Ho & Salimans 2022): eps = eps(x, "") + s (eps(x, prompt) - eps(x, ""))
+   with the negative prompt in place of ""; at s = 1 the unconditional pass is skipped.
+2. Seeds: one CPU generator per image (seed, seed + 1, ...), as diffusers takes a list of
+   generators: the starting noise, the VAE posterior draws and the ancestral samplers' noise come
+   from them in diffusers' order, so the same seed gives the same image on any device and the
+   same image as diffusers' pipelines.
+3. img2img: the image's latent noised to the level where `strength` of the schedule remains.
+4. Inpainting, two ways. An SD 1.5 inpainting checkpoint (9-channel UNet) sees the mask and the
+   masked image's latent as 5 extra input channels at every step. A plain SD 1.x checkpoint
+   cannot: after every step the known region of x is replaced by the original latent noised to
+   the next step's level (a sampler step hook), as diffusers does with a 4-channel UNet.
+5. Precision: latents stay float32; the networks may run in fp16/bf16 (default on CUDA), with the
+   VAE kept in float32 under fp16 (SD's VAE decoder overflows fp16 into black/NaN images). A
+   non-finite latent or image raises NonFiniteError instead of producing a black picture.
+6. Memory: images are decoded one at a time, in tiles when larger than 512x512 (tile=None).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm import checkpoint, images as imgs, samplers, weights
+from ldm.k_samplers import randn
+from ldm.schedule import Schedule
+from ldm.tokenizer import CLIPTokenizer
+from ldm.vae import SCALING_FACTOR
+
+__all__ = ["load", "Pipeline", "Result", "NonFiniteError", "default_device_dtype"]
+
+log = logging.getLogger(__name__)
+
+AUTO_TILE_LATENT = 64  # tile the VAE decode above 64x64 latents (512x512 pixels), tiles of this size
+PREVIEWS = (None, "cheap", "vae")
+
+
+class NonFiniteError(FloatingPointError):
+    """A latent or an image holds NaN or inf (typically fp16 overflow): refused rather than saved black."""
+
+
+def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """CUDA with fp16 when there is a GPU, else the CPU with fp32; either can be forced."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    return device, dtype
+
+
+def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    """x unchanged, or NonFiniteError saying how many values of `what` are NaN/inf and the likely cause."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        raise NonFiniteError(
+            f"{what} has {int(bad.sum())} NaN/inf values of {x.numel()} ({x.dtype}): nothing was saved. "
+            f"This is half-precision overflow; run in float32 (dtype=torch.float32, or --dtype fp32), "
+            f"or keep the VAE in float32 (vae_dtype=torch.float32)")
+    return x
+
+
+@dataclasses.dataclass
+class Result:
+    """What a generation returns. `latents` and `x0_preds` are float32 UNet-space (scaled) latents."""
+
+    images: list[Image.Image]
+    latents: torch.Tensor                  # (B, 4, h, w) the final latent
+    x0_preds: list[torch.Tensor]           # per step: (B, 4, h, w) the step's x0 estimate
+    previews: list[list[Image.Image]]      # per step, per image (empty unless previews= was set)
+    seeds: list[int]                       # per image
+    parameters: list[str]                  # per image: the PNG "parameters" text
+
+
+def _check_guidance(guidance):
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise ValueError(f"guidance={guidance!r} must be a finite number >= 0 (1: no guidance; SD uses ~7.5)")
+
+
+def _prompt_list(prompt, name: str = "prompt") -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name}={prompt!r} must be a str or a non-empty list of str")
+    return prompts
+
+
+class Pipeline:
+    """tokenizer + text_encoder + unet + vae + schedule, on one device. Build it with ldm.load."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, text_encoder, unet, vae, schedule: Schedule | None = None,
+                 name: str = "", family: str = "sd1"):
+        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.schedule = schedule or Schedule.sd1()
+        self.name, self.family = name, family
+
+    def __repr__(self) -> str:
+        return (f"Pipeline({self.name!r}, family={self.family}, device={self.device}, unet {self.dtype}, "
+                f"vae {self.vae_dtype}, unet in_channels={self.unet.cfg.in_channels})")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def is_inpainting(self) -> bool:
+        """True for an SD 1.5 inpainting checkpoint: the UNet takes 4 + 1 + 4 = 9 input channels."""
+        return self.unet.cfg.in_channels == 9
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: 8 (the VAE) times the UNet's 2^(levels - 1), 64 for SD 1.x."""
+        return self.vae.cfg.downsample_factor * 2 ** (len(self.unet.cfg.channel_mult) - 1)
+
+    def _check_size(self, height, width):
+        m = self.size_multiple
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < m or v % m:
+                raise ValueError(f"{name}={v!r} must be a positive multiple of {m} pixels (8 for the VAE "
+                                 f"times {m // 8} for this UNet's downsamplings)")
+
+    # ---- the stages -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """prompts -> context (B, 77, C) in the UNet's dtype (a long prompt warns with what is dropped)."""
+        ids = self.tokenizer(prompts).to(self.device)  # (B, 77)
+        return self.text_encoder(ids).to(self.dtype)  # (B, 77, C)
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] -> (len(generators), 4, H/8, W/8) float32 latents, one posterior
+        draw per generator, times SCALING_FACTOR (diffusers' retrieve_latents, sample mode)."""
+        posterior = self.vae.encode(image.to(self.device, self.vae_dtype))
+        z = torch.cat([posterior.sample(g) for g in generators])  # (B, 4, h, w)
+        return (z * SCALING_FACTOR).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tile: bool | None = None) -> torch.Tensor:
+        """(B, 4, h, w) scaled latents -> (B, 3, H, W) float32 images in [-1, 1], one image at a time.
+
+        tile=None tiles above AUTO_TILE_LATENT latents a side (512 pixels); NaN/inf raise NonFiniteError.
+        """
+        check_finite(latents, "the latent")
+        out = []
+        for b, z in enumerate(latents.split(1)):  # one at a time: peak memory of one decode
+            z = (z / SCALING_FACTOR).to(self.device, self.vae_dtype)  # (1, 4, h, w), unscaled
+            big = max(z.shape[-2:]) > AUTO_TILE_LATENT
+            if tile or (tile is None and big):
+                x = self.vae.decode_tiled(z, tile_size=AUTO_TILE_LATENT, overlap=AUTO_TILE_LATENT // 4)
+            else:
+                x = self.vae.decode(z)
+            out.append(check_finite(x, f"decoded image {b}").float())
+        return torch.cat(out)  # (B, 3, H, W)
+
+    def eps_fn(self, context: torch.Tensor, guidance: float, extra: torch.Tensor | None = None):
+        """The network as the samplers call it: eps_fn(x, t) -> guided eps, float32.
+
+        context: (2B, 77, C) [uncond; cond] when guiding, (B, 77, C) otherwise. extra: the 9-channel
+        UNet's (B, 5, h, w) mask + masked-image latent, appended to x's channels (never scaled).
+        """
+        guided = guidance != 1.0
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_in = torch.cat([x, x]) if guided else x  # (2B or B, 4, h, w)
+            if extra is not None:
+                x_in = torch.cat([x_in, torch.cat([extra, extra]) if guided else extra], dim=1)  # 9 channels
+            out = self.unet(x_in.to(self.dtype), t, context).float()
+            if not guided:
+                return out
+            eps_uncond, eps_cond = out.chunk(2)
+            return eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
+
+        return eps
+
+    # ---- generation -------------------------------------------------------------------------
+    def __call__(self, prompt, **kwargs) -> list[Image.Image]:
+        """The images of generate(prompt, **kwargs)."""
+        return self.generate(prompt, **kwargs).images
+
+    def generate(self, prompt, *, height: int = 512, width: int = 512, **kwargs) -> Result:
+        """Text to image. Keywords: see _run (steps, scheduler, guidance, seed, negative_prompt, ...)."""
+        if self.is_inpainting:
+            raise ValueError("this is an inpainting checkpoint (9-channel UNet): use pipe.inpaint(prompt, "
+                             "image, mask) or `ldm inpaint`, or load a plain SD 1.x checkpoint")
+        self._check_size(height, width)
+        return self._run(prompt, mode="txt2img", shape=(height // 8, width // 8), **kwargs)
+
+    def img2img(self, prompt, image: Image.Image, *, strength: float = 0.75, height: int | None = None,
+                width: int | None = None, **kwargs) -> Result:
+        """Image to image: `strength` 1 redraws from (almost) pure noise, 0 returns the image as the VAE sees it."""
+        if self.is_inpainting:
+            raise ValueError("img2img needs a plain SD 1.x checkpoint, not an inpainting one (9-channel UNet)")
+        x = imgs.from_pil(image, height, width)  # (1, 3, H, W)
+        self._check_size(x.shape[2], x.shape[3])
+        return self._run(prompt, mode="img2img", shape=(x.shape[2] // 8, x.shape[3] // 8), image=x,
+                         strength=strength, **kwargs)
+
+    def inpaint(self, prompt, image: Image.Image, mask: Image.Image, *, strength: float = 1.0,
+                height: int | None = None, width: int | None = None, **kwargs) -> Result:
+        """Repaint the white part of `mask` (same size as image); keep the black part."""
+        x = imgs.from_pil(image, height, width)  # (1, 3, H, W)
+        self._check_size(x.shape[2], x.shape[3])
+        m = imgs.mask_from_pil(mask, image.size, height, width)  # (1, 1, H, W)
+        return self._run(prompt, mode="inpaint", shape=(x.shape[2] // 8, x.shape[3] // 8), image=x, mask=m,
+                         strength=strength, **kwargs)
+
+    @torch.no_grad()
+    def _run(self, prompt, *, mode: str, shape: tuple[int, int], negative_prompt: str | list[str] = "",
+             steps: int = 25, scheduler: str = "euler", guidance: float = 7.5, seed: int | list[int] | None = None,
+             num_images: int = 1, callback: Callable | None = None, progress: bool = True,
+             previews: str | None = None, tile: bool | None = None, spacing: str | None = None,
+             karras: bool = False, eta: float = 0.0, image: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None, strength: float = 1.0) -> Result:
+        """The shared loop. seed: int (image b gets seed + b), a list (one per image) or None (random).
+        callback(i, x, x0_pred) after each step; previews: None, "cheap" (linear RGB map) or "vae"."""
+        prompts = _prompt_list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) \
+            else _prompt_list(negative_prompt, "negative_prompt")
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts; "
+                             f"give one str or one per prompt")
+        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+            raise ValueError(f"num_images={num_images!r} must be an integer >= 1 (images per prompt)")
+        _check_guidance(guidance)
+        if scheduler not in samplers.SAMPLERS:
+            raise ValueError(f"scheduler={scheduler!r} is unknown; valid: {', '.join(samplers.SAMPLERS)}")
+        if previews not in PREVIEWS:
+            raise ValueError(f"previews={previews!r} must be one of {PREVIEWS}")
+        self.schedule.check_steps(steps)
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength!r} is outside [0, 1]: 1 redraws everything, 0 nothing")
+        B = len(prompts) * num_images
+        seeds = self._seeds(seed, B)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # one per image, on the CPU
+        h, w = shape
+        spacing = spacing or samplers.DEFAULT_SPACING[scheduler]
+
+        # 1. text -> context, prompt b repeated num_images times: (B, 77, C), or (2B, ...) [uncond; cond]
+        cond = self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)
+        context = cond
+        if guidance != 1.0:
+            uncond = self.encode_prompt(negatives).repeat_interleave(num_images, dim=0)
+            context = torch.cat([uncond, cond])
+
+        # 2. the image's latents and the starting noise, drawn from the generators in diffusers' order
+        init, extra, hook = None, None, None
+        if mode == "img2img":
+            init = self.encode_image(image, generators)  # (B, 4, h, w): one posterior draw per image
+        elif mode == "inpaint" and (not self.is_inpainting or strength < 1.0):
+            init = self.encode_image(image, generators[:1]).expand(B, -1, -1, -1)  # diffusers: generator 0
+        noise = randn((B, 4, h, w), generators, torch.float32, self.device)  # N(0, I)
+        if mode == "inpaint":
+            mask_lat = torch.nn.functional.interpolate(mask, size=(h, w)).to(self.device)  # (1, 1, h, w) nearest
+            if self.is_inpainting:  # 9 channels: mask + latent of the image with the repainted part blacked out
+                masked = self.encode_image(image * (mask < 0.5), generators[:1])  # (1, 4, h, w)
+                extra = torch.cat([mask_lat, masked], dim=1).expand(B, -1, -1, -1).to(self.dtype)
+            else:  # 4 channels: paste the known region back after every step, noised to the next level
+                torch.randn((1, 4, h, w), generator=generators[0], dtype=self.vae_dtype)  # diffusers encodes the
+                # masked image here too (unused with 4 channels): draw its numbers to stay in step with it
+                hook = self._blend_hook(scheduler, steps, spacing, karras, init, noise, mask_lat)
+            if strength == 1.0:
+                init = None  # start from pure noise (diffusers' inpainting does, unlike its img2img)
+
+        # 3. the denoising loop (ldm.samplers), with the callback, previews and a progress bar
+        start = samplers.img2img_start_step(steps, strength) if init is not None else 0
+        x0_preds, previews_out = [], []
+        bar = tqdm(total=steps - start, disable=not progress, desc=mode, unit="step")
+
+        def on_step(i, x, x0_pred):
+            x0_preds.append(x0_pred.float())
+            if previews == "cheap":
+                previews_out.append(imgs.to_pil(imgs.latent_preview(x0_pred)))
+            elif previews == "vae":
+                previews_out.append(imgs.to_pil(self.decode(x0_pred, tile)))
+            if callback is not None:
+                callback(i, x, x0_pred)
+            bar.update()
+
+        try:
+            latents = samplers.sample(
+                scheduler, self.eps_fn(context, guidance, extra), noise, steps, self.schedule,
+                generator=generators, callback=on_step, spacing=spacing, karras=karras, eta=eta,
+                init=init, strength=strength if init is not None else 1.0, step_hook=hook)
+        finally:
+            bar.close()
+        check_finite(latents, "the final latent (the UNet's output overflowed?)")
+
+        # 4. decode, and the PNG text of each image
+        pil = imgs.to_pil(self.decode(latents, tile))
+        size = f"{w * 8}x{h * 8}"
+        params = [imgs.parameters_text(
+            prompts[b // num_images], negatives[b // num_images], steps=steps, sampler=scheduler,
+            cfg_scale=guidance, seed=seeds[b], size=size, model=self.name or None,
+            denoising_strength=strength if mode != "txt2img" else None, mode=mode) for b in range(B)]
+        return Result(pil, latents, x0_preds, previews_out, seeds, params)
+
+    def _seeds(self, seed, B: int) -> list[int]:
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - B, ()))
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != B or not all(isinstance(s, int) for s in seed):
+                raise ValueError(f"seed={seed!r}: a list needs one int per image ({B})")
+            return list(seed)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63 - B:
+            raise ValueError(f"seed={seed!r} must be a non-negative int (or a list of ints, one per image)")
+        return [seed + b for b in range(B)]
+
+    def _blend_hook(self, scheduler, steps, spacing, karras, init, noise, mask_lat):
+        """Plain-SD inpainting: after step i, x = mask * x + (1 - mask) * (init noised to step i + 1)."""
+        t, sigmas = samplers.sampler_grid(scheduler, self.schedule, steps, spacing, karras)
+
+        def hook(i: int, x: torch.Tensor) -> torch.Tensor:
+            known = samplers.noised_latent(scheduler, init, noise, i + 1, t, sigmas, self.schedule)
+            return (1 - mask_lat) * known + mask_lat * x
+
+        return hook
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         vae_dtype: torch.dtype | None = None, attention_backend: str = "auto") -> Pipeline:
+    """A Pipeline from an SD 1.x single file (.safetensors / .ckpt) or a diffusers folder.
+
+    device: default CUDA if available, else CPU. dtype: default fp16 on CUDA, fp32 on the CPU.
+    vae_dtype: default float32 when dtype is fp16 (the SD VAE overflows fp16), else dtype.
+    attention_backend: the UNet's ("auto", "math", "sdpa", "triton"; see ldm.attention).
+    """
+    device, dtype = default_device_dtype(device, dtype)
+    if vae_dtype is None:
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    ck = checkpoint.read(path)
+    text_encoder, unet, vae = weights.build(ck)  # on the CPU in the file's dtype, then cast once each
+    text_encoder, unet, vae = text_encoder.to(device, dtype), unet.to(device, dtype), vae.to(device, vae_dtype)
+    unet.attention_backend = attention_backend
+    log.info("loaded %s (%s) on %s: unet %s, vae %s", path, ck.family, device, dtype, vae_dtype)
+    return Pipeline(CLIPTokenizer(), text_encoder, unet, vae, Schedule.sd1(), name=Path(path).stem, family=ck.family)
