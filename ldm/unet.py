@@ -64,7 +64,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -386,7 +386,7 @@ class UNetModel(nn.Module):
                 if isinstance(m, CrossAttention) and n.rsplit(".", 1)[-1] in suffix[kind]]
 
     @contextmanager
-    def capture(self, features: list[str] = (), attention: list[str] = ()) -> Iterator[Capture]:
+    def capture(self, features: Sequence[str] = (), attention: Sequence[str] = ()) -> Iterator[Capture]:
         """Record, for every forward inside the `with` block (the last one wins):
         the output of each module named in `features` (any name of named_modules(),
         e.g. "input_blocks.4", "middle_block", "output_blocks.8.2") and the attention
