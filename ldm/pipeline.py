@@ -132,16 +132,16 @@ class Pipeline:
         return self.unet.cfg.in_channels == 9
 
     @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of this: 8 (the VAE) times the UNet's 2^(levels - 1), 64 for SD 1.x."""
+    def min_size(self) -> int:
+        """The smallest image side: one latent pixel at the UNet's deepest level (64 px for SD 1.x)."""
         return self.vae.cfg.downsample_factor * 2 ** (len(self.unet.cfg.channel_mult) - 1)
 
     def _check_size(self, height, width):
-        m = self.size_multiple
+        m, lo = self.vae.cfg.downsample_factor, self.min_size
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < m or v % m:
-                raise ValueError(f"{name}={v!r} must be a positive multiple of {m} pixels (8 for the VAE "
-                                 f"times {m // 8} for this UNet's downsamplings)")
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo or v % m:
+                raise ValueError(f"{name}={v!r} must be a multiple of {m} pixels (the VAE's downsampling) "
+                                 f"and at least {lo} (one latent pixel at the UNet's deepest level)")
 
     # ---- the stages -------------------------------------------------------------------------
     @torch.no_grad()

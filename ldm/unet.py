@@ -255,20 +255,27 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        # Nearest-neighbour x2, or to `size`: the skip this level concatenates next. They differ
+        # only when a side was odd on the way down (e.g. a 72 px image: latent 9 -> 5 -> 3 -> 2).
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else \
+            F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)  # (B, C, 2H, 2W) or (B, C, *size)
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """One slot of input_blocks / middle_block / output_blocks: its layers in order, each
     handed what it needs (ResBlock the time embedding, SpatialTransformer the text)."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor, backend: str) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, backend: str,
+                upsample_size: tuple[int, int] | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, backend)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -342,10 +349,9 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(NUM_GROUPS, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def _check_inputs(self, x: Tensor, t, context: Tensor) -> Tensor:
-        cfg, factor = self.cfg, 2 ** (len(self.cfg.channel_mult) - 1)
-        if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"UNetModel: x must be (B, {cfg.in_channels}, h, w) with h and w multiples "
-                             f"of {factor}, got shape {tuple(x.shape)}")
+        cfg = self.cfg
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"UNetModel: x must be (B, {cfg.in_channels}, h, w), got shape {tuple(x.shape)}")
         if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
             raise ValueError(f"UNetModel: context must be (B={x.shape[0]}, T, {cfg.context_dim}), "
                              f"got shape {tuple(context.shape)}")
@@ -372,7 +378,8 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, context, backend)
         for block in self.output_blocks:                             # 8 -> 16 -> 32 -> 64
             h = torch.cat([h, skips.pop()], dim=1)                   # the skip: (B, C + C_skip, H, W)
-            h = block(h, emb, context, backend)
+            next_size = tuple(skips[-1].shape[-2:]) if skips else None  # where an Upsample must land
+            h = block(h, emb, context, backend, next_size)
         return self.out(h)                                           # eps (B, out_channels, h, w)
 
     # ---- inspection -------------------------------------------------------------------------

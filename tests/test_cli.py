@@ -119,12 +119,12 @@ def test_img2img_and_inpaint_verbs(with_tiny, capsys):
     rc, out, err = run(capsys, "inpaint", "a cat", "--image", "in.png", "--mask", "mask.png", "--steps", "2",
                        "--seed", "1", "-q", "--out", "o")
     assert rc == 0 and out == "wrote o/00001-1.png (64x64, seed 1)\n", err
-    rc, _, err = run(capsys, "inpaint", "a cat", "--image", "in.png", "--mask", "in.png", "--size", "40x40", "-q")
-    assert rc == 1 and err.count("\n") == 1 and "height=40 must be a positive multiple of 16" in err
+    rc, _, err = run(capsys, "inpaint", "a cat", "--image", "in.png", "--mask", "in.png", "--size", "8x8", "-q")
+    assert rc == 1 and err.count("\n") == 1 and "height=8 must be a multiple of 8 pixels" in err
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (("generate", "a dog", "--size", "60x64"), "width=60 must be a positive multiple of 16"),
+    (("generate", "a dog", "--size", "60x64"), "width=60 must be a multiple of 8 pixels"),
     (("generate", "a dog", "--steps", "0"), "steps=0 is not allowed"),
     (("generate", "a dog", "--guidance", "-2"), "guidance=-2.0 must be a finite number >= 0"),
     (("generate", "a dog", "--guidance", "nan"), "guidance=nan"),
