@@ -11,7 +11,7 @@ model or per forward pass; there is no global switch:
     "sdpa"    torch.nn.functional.scaled_dot_product_attention, torch's fused kernel.
     "triton"  the hand-written flash-attention kernel in ldm_kernels.flash_attention
               (imported on first use, so the library runs without Triton).
-    "auto"    "triton" for CUDA tensors the kernel supports, else "sdpa".
+    "auto"    "triton" for fp16/bf16 CUDA tensors the kernel supports, else "sdpa".
 
 Shapes (one vocabulary for the whole library):
     q      (B, heads, N, d)   N queries, e.g. the H*W pixels of a latent
@@ -90,8 +90,9 @@ def _triton(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def _auto_backend(q: Tensor, k: Tensor, v: Tensor) -> str:
-    """'triton' for CUDA tensors the flash kernel supports, otherwise 'sdpa'."""
-    if not q.is_cuda:
+    """'triton' for fp16/bf16 CUDA tensors the flash kernel supports, otherwise 'sdpa'.
+    (The kernel's fp32 path is exact IEEE dots without tensor cores: a correctness path.)"""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return "sdpa"
     try:
         from ldm_kernels.flash_attention import supports

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import torch
 from torch import nn
 
 from ldm.unet import UNetConfig, UNetModel
+from ldm.weights import random_init_
 
 # The stored reference file must stay under 1 MB: tiny() has 1.1M parameters, so the stored
 # case uses tiny() with one level width and one ResBlock per level (still: down, attention,
@@ -48,35 +48,6 @@ def diffusers_unet_config(cfg: UNetConfig) -> dict:
         act_fn="silu",
         use_linear_projection=False,
     )
-
-
-def random_init_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fill every parameter with seeded random values, norms included, in well under a second.
-
-    Weights get the spread of torch's default init (std 1/sqrt(3 fan_in)), biases 0.05 z,
-    GroupNorm/LayerNorm scales 1 + 0.1 z (not the default 1, so a wrong eps or a swapped
-    norm shows). The values z are windows at random offsets into one pool of N(0, 1)
-    samples: full-size SD has 860M parameters, and drawing them all takes 6-20 s here.
-    """
-    g = torch.Generator().manual_seed(seed)
-    largest = max(p.numel() for p in model.parameters())
-    pool = torch.randn(min(2 ** 25, 4 * largest), generator=g)  # 2^25 > SD's largest tensor (29.5M)
-    norm_params = {id(m.weight) for m in model.modules()
-                   if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None}
-    with torch.no_grad():
-        for p in model.parameters():
-            n = p.numel()
-            if n > pool.numel():
-                raise ValueError(f"random_init_: a parameter of {n} elements exceeds the pool")
-            start = int(torch.randint(0, pool.numel() - n + 1, (1,), generator=g))
-            p.copy_(pool[start:start + n].view(p.shape))      # in place: no 3.4 GB of temporaries
-            if id(p) in norm_params:
-                p.mul_(0.1).add_(1.0)
-            elif p.dim() == 1:
-                p.mul_(0.05)
-            else:
-                p.mul_(1.0 / math.sqrt(3 * n / p.shape[0]))
-    return model
 
 
 def ours(cfg: UNetConfig, seed: int = 0, **kwargs) -> UNetModel:
