@@ -365,7 +365,7 @@ def _read_file(path: Path) -> tuple[dict, str]:
     return obj, fmt
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str]:
+def safetensors_metadata(path: Path) -> dict[str, str]:
     """The free-form string map in a safetensors header (ldm.weights keeps configs there)."""
     with open(path, "rb") as f:
         header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
@@ -554,7 +554,7 @@ def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = Fals
         raw, fmt = _read_file(path)
         ck = from_state_dict(raw, path=path, format=fmt, ema=ema)
     if ck.format == "safetensors":
-        ck.metadata = _safetensors_metadata(path)
+        ck.metadata = safetensors_metadata(path)
     if dtype is not None:
         for sd in ck.stages().values():
             sd.update({k: t.to(dtype) for k, t in sd.items() if t.is_floating_point()})

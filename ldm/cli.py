@@ -43,15 +43,13 @@ class CLIError(Exception):
 
 def find_checkpoint(given: str | None) -> Path:
     """--checkpoint, else $LDM_CHECKPOINT, else the first checkpoint in ./weights/."""
-    if given:
-        return Path(given)
-    if os.environ.get("LDM_CHECKPOINT"):
-        return Path(os.environ["LDM_CHECKPOINT"])
-    for p in sorted(Path("weights").glob("*")):
-        if p.suffix in (".safetensors", ".ckpt") or (p / "model_index.json").is_file():
-            return p
-    raise CLIError(f"no checkpoint given and none found in {Path('weights').resolve()}: "
-                   + HOW_TO_GET_WEIGHTS)
+    from ldm.weights import find_checkpoint as find
+
+    found = Path(given) if given else find("weights")
+    if found is None:
+        raise CLIError(f"no checkpoint given and none found in {Path('weights').resolve()}: "
+                       + HOW_TO_GET_WEIGHTS)
+    return found
 
 
 def cmd_info(args) -> None:

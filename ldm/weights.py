@@ -1,6 +1,6 @@
 """From a checkpoint to the three networks, and from the networks back to a checkpoint.
 
-    ck = ldm.checkpoint.read("weights/v1-5-pruned-emaonly.safetensors")
+    ck = ldm.checkpoint.read(ldm.weights.find_checkpoint())   # $LDM_CHECKPOINT or weights/
     text_encoder, unet, vae = ldm.weights.build(ck)          # strict loading, no renaming
     ldm.weights.write_single_file("my.safetensors", text_encoder, unet, vae)
     ldm.weights.random_checkpoint("weights/random-tiny.safetensors", size="tiny")
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from ldm.clip import CLIPTextConfig, CLIPTextModel
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 
-__all__ = ["PREFIXES", "CONFIG_METADATA_KEY", "configs_for", "build", "single_file_state_dict",
+__all__ = ["PREFIXES", "CONFIG_METADATA_KEY", "find_checkpoint", "is_random", "configs_for", "build", "single_file_state_dict",
            "write_single_file", "random_init_", "random_models", "random_checkpoint"]
 
 # Stage -> the prefix its keys carry in an SD 1.x single-file checkpoint.
@@ -45,8 +46,31 @@ PREFIXES = {
 # Safetensors metadata entry holding {"text_encoder": {...}, "unet": {...}, "vae": {...}} when a
 # file's networks are not the SD 1.x shapes (e.g. the tiny random checkpoints).
 CONFIG_METADATA_KEY = "ldm.configs"
+# Safetensors metadata entry marking a checkpoint of random weights (random_checkpoint writes it).
+RANDOM_METADATA_KEY = "ldm.random_weights"
 CONFIG_CLASSES = {"text_encoder": CLIPTextConfig, "unet": UNetConfig, "vae": VAEConfig}
 SIZES = ("tiny", "full")
+
+
+def is_random(path: str | Path) -> bool:
+    """True for a .safetensors file written by `random_checkpoint` (its metadata says so)."""
+    path = Path(path)
+    return (path.suffix == ".safetensors" and path.is_file()
+            and checkpoint.safetensors_metadata(path).get(RANDOM_METADATA_KEY) == "true")
+
+
+def find_checkpoint(folder: str | Path = "weights", real_only: bool = False) -> Path | None:
+    """Where a user's checkpoint is: $LDM_CHECKPOINT if set, else the first .safetensors / .ckpt
+    file or diffusers folder (one with model_index.json) in `folder`, else None.
+    real_only=True passes over our random-weight checkpoints (tests and notebooks that want
+    real weights must not mistake `weights/random-tiny.safetensors` for them)."""
+    if os.environ.get("LDM_CHECKPOINT"):
+        return Path(os.environ["LDM_CHECKPOINT"])
+    for p in sorted(Path(folder).glob("*")):
+        if p.suffix in (".safetensors", ".ckpt") or (p / "model_index.json").is_file():
+            if not (real_only and is_random(p)):
+                return p
+    return None
 
 
 def _config_from_dict(cls, d: dict):
@@ -102,11 +126,13 @@ def single_file_state_dict(text_encoder: nn.Module, unet: nn.Module, vae: nn.Mod
 
 
 def write_single_file(path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module,
-                      dtype: torch.dtype | None = None, configs: dict | None = None) -> Path:
+                      dtype: torch.dtype | None = None, configs: dict | None = None,
+                      random_weights: bool = False) -> Path:
     """Write a .safetensors or .ckpt in the SD 1.x single-file layout. Never overwrites a file.
 
     `configs`, when given, is stored in the safetensors metadata so `build` can rebuild
-    networks whose shapes are not SD 1.x's (a .ckpt has nowhere to keep it).
+    networks whose shapes are not SD 1.x's, and `random_weights=True` marks the file as random
+    (a .ckpt has nowhere to keep either).
     """
     path = Path(path)
     if path.suffix not in (".safetensors", ".ckpt"):
@@ -120,6 +146,8 @@ def write_single_file(path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Mo
     tmp = path.with_name(path.name + ".partial")  # a crash never leaves a half-written checkpoint
     if path.suffix == ".safetensors":
         meta = {"format": "pt"}
+        if random_weights:
+            meta[RANDOM_METADATA_KEY] = "true"
         if configs is not None:
             meta[CONFIG_METADATA_KEY] = json.dumps(
                 {stage: dataclasses.asdict(cfg) for stage, cfg in configs.items()})
@@ -190,4 +218,4 @@ def random_checkpoint(path, size: str = "tiny", dtype: torch.dtype = torch.float
         raise FileExistsError(f"{path} already exists; not overwritten (delete it or pick another path)")
     text_encoder, unet, vae, configs = random_models(size, seed, inpainting)
     return write_single_file(path, text_encoder, unet, vae, dtype=dtype,
-                             configs=configs if size == "tiny" else None)
+                             configs=configs if size == "tiny" else None, random_weights=True)

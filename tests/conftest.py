@@ -14,24 +14,18 @@ however many test modules use it.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from ldm.weights import find_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def find_real_checkpoint() -> Path | None:
-    env = os.environ.get("LDM_CHECKPOINT")
-    if env:
-        return Path(env)
-    weights = ROOT / "weights"
-    for p in sorted(weights.glob("*")):
-        if p.suffix in (".safetensors", ".ckpt") or (p / "model_index.json").is_file():
-            return p
-    return None
+    return find_checkpoint(ROOT / "weights", real_only=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -174,3 +174,19 @@ def test_download_checks_the_checksum_and_keeps_nothing_bad(in_tmp, capsys, monk
     rc, _, err = run(capsys, "download")
     assert rc == 1 and "already exists; not overwritten" in err
     assert (in_tmp / "weights" / "v1-5-pruned-emaonly.safetensors").read_bytes() == b"not the real weights"
+
+
+def test_the_search_for_real_weights_passes_over_random_checkpoints(in_tmp, capsys):
+    """After the README's main job, weights/ holds a random checkpoint: the CLI may use it, but
+    the tests' `weights` tier and the notebooks (real_only=True) must not take it for real weights."""
+    from ldm import weights
+
+    assert weights.find_checkpoint("weights") is None
+    run(capsys, "random-checkpoint", "weights/random-tiny.safetensors")
+    random_ckpt = in_tmp / "weights" / "random-tiny.safetensors"
+    assert weights.is_random(random_ckpt)
+    assert weights.find_checkpoint("weights") == random_ckpt.relative_to(in_tmp)
+    assert weights.find_checkpoint("weights", real_only=True) is None
+    (in_tmp / "weights" / "real").mkdir()
+    (in_tmp / "weights" / "real" / "model_index.json").write_text("{}")  # a diffusers folder counts
+    assert weights.find_checkpoint("weights", real_only=True) == Path("weights/real")
