@@ -31,6 +31,7 @@ from torch import nn
 
 from ldm import checkpoint
 from ldm.clip import CLIPTextConfig, CLIPTextModel
+from ldm.schedule import Schedule
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 
@@ -108,13 +109,12 @@ def build(ck, device: str | torch.device = "cpu", dtype: torch.dtype | None = No
     return tuple(models)
 
 
-def _schedule_buffers(n: int = 1000) -> dict[str, torch.Tensor]:
-    """The DDPM schedule buffers CompVis checkpoints carry at top level (scaled_linear betas)."""
-    betas = torch.linspace(math.sqrt(0.00085), math.sqrt(0.012), n, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    return {"betas": betas.float(), "alphas_cumprod": alphas_cumprod.float(),
-            "alphas_cumprod_prev": prev.float()}
+def _schedule_buffers() -> dict[str, torch.Tensor]:
+    """The DDPM schedule buffers CompVis checkpoints carry at top level (ldm.schedule's SD 1.x)."""
+    sched = Schedule.sd1()
+    alpha_bar = sched.alpha_bar
+    return {"betas": sched.betas, "alphas_cumprod": alpha_bar,
+            "alphas_cumprod_prev": torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])}
 
 
 def single_file_state_dict(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module) -> dict:
