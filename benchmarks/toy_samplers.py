@@ -32,7 +32,7 @@ def main() -> None:
     head = "| sampler | NFE@20 | " + " | ".join(f"{s} steps" for s in args.steps) + " |"
     print(head)
     print("|" + "---|" * (len(args.steps) + 2))
-    print(f"| exact samples (floor) | - | " + " | ".join(f"{floor:.4f}" for _ in args.steps) + " |")
+    print("| exact samples (floor) | - | " + " | ".join(f"{floor:.4f}" for _ in args.steps) + " |")
     for name, karras in VARIANTS:
         t0, row, nfe = time.time(), [], 0
         for steps in args.steps:

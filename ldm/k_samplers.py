@@ -32,7 +32,7 @@ from numpy.polynomial import Polynomial
 
 from ldm.schedule import Schedule, karras_sigmas
 
-__all__ = ["sigma_grid", "denoise", "randn", "euler", "euler_ancestral", "heun", "lms", "lms_coefficient"]
+__all__ = ["sigma_grid", "denoise", "end_step", "randn", "euler", "euler_ancestral", "heun", "lms", "lms_coefficient"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
@@ -68,6 +68,16 @@ def sigma_grid(schedule: Schedule, steps: int, spacing: str = "linspace", karras
     return t, sigmas
 
 
+def end_step(i: int, x: torch.Tensor, x0_pred: torch.Tensor, step_hook: StepHook, callback: Callback) -> torch.Tensor:
+    """What every sampler does after step i: the step hook may replace x (plain-SD inpainting puts
+    the known region back there), then the callback sees the result and the x_0 estimate."""
+    if step_hook is not None:
+        x = step_hook(i, x)
+    if callback is not None:
+        callback(i, x, x0_pred)
+    return x
+
+
 def denoise(eps_fn: EpsFn, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor,
             prediction_type: str = "epsilon") -> torch.Tensor:
     """D(x; sigma): one network call on the scaled input, converted to an x_0 estimate."""
@@ -87,10 +97,7 @@ def euler(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor,
         x0_pred = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i)
         d = (x - x0_pred) / sigma  # 2. slope dx/dsigma
         x = x + d * (sigma_next - sigma)  # 3. x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d
-        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
-            x = step_hook(i, x)
-        if callback is not None:
-            callback(i, x, x0_pred)
+        x = end_step(i, x, x0_pred, step_hook, callback)
     return x
 
 
@@ -110,10 +117,7 @@ def euler_ancestral(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: tor
         x = x + d * (sigma_down - sigma)
         noise = randn(x0_pred.shape, generator, x0_pred.dtype, x.device)  # 4. fresh noise, even at the end
         x = x + noise * sigma_up
-        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
-            x = step_hook(i, x)
-        if callback is not None:
-            callback(i, x, x0_pred)
+        x = end_step(i, x, x0_pred, step_hook, callback)
     return x
 
 
@@ -136,10 +140,7 @@ def heun(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, 
             x0_next = denoise(eps_fn, x_euler, sigma_next, t[i + 1], prediction_type)
             d_next = (x_euler - x0_next) / sigma_next
             x = x + (d + d_next) / 2 * dt
-        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
-            x = step_hook(i, x)
-        if callback is not None:
-            callback(i, x, x0_pred)
+        x = end_step(i, x, x0_pred, step_hook, callback)
     return x
 
 
@@ -170,8 +171,5 @@ def lms(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *
         hist = [float(sigmas[i - j]) for j in range(len(ds))]  # 3. the nodes sigma_i, sigma_{i-1}, ...
         coeffs = [lms_coefficient(hist, k, float(sigma), float(sigmas[i + 1])) for k in range(len(ds))]
         x = x + sum(c * d for c, d in zip(coeffs, ds))  # 4. x_{i+1}
-        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
-            x = step_hook(i, x)
-        if callback is not None:
-            callback(i, x, x0_pred)
+        x = end_step(i, x, x0_pred, step_hook, callback)
     return x

@@ -35,12 +35,10 @@ local variables, never edit the caller's tensors, and need no set-up call.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ldm import k_samplers
-from ldm.k_samplers import randn
+from ldm.k_samplers import Callback, EpsFn, StepHook, end_step, randn
 from ldm.schedule import SPACINGS, Schedule, img2img_start_step, karras_sigmas
 
 __all__ = ["SAMPLERS", "PREDICTION_TYPES", "DEFAULT_SPACING", "sample", "sampler_grid", "initial_latent",
@@ -54,9 +52,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "pndm": "leading", "euler": "linspace",
                    "euler_a": "linspace", "heun": "linspace", "lms": "linspace", "dpmpp_2m": "linspace"}
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
-StepHook = Callable[[int, torch.Tensor], torch.Tensor] | None  # (i, x) -> the x to continue from
 
 
 def predict_x0_eps(model_out: torch.Tensor, x: torch.Tensor, ab_t: torch.Tensor, prediction_type: str):
@@ -91,10 +86,7 @@ def ddim(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, eta=0.0, generator=No
         x0_pred, eps = predict_x0_eps(out, x, ab_t, prediction_type)
         noise = randn(out.shape, generator, out.dtype, x.device) if eta > 0 else None
         x = ddim_step(x, eps, x0_pred, ab_t, ab_prev, eta, noise)
-        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
-            x = step_hook(i, x)
-        if callback is not None:
-            callback(i, x, x0_pred)
+        x = end_step(i, x, x0_pred, step_hook, callback)
     return x
 
 
@@ -121,10 +113,7 @@ def ddpm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, generator=None,
         x0_pred, _ = predict_x0_eps(out, x, ab_t, prediction_type)
         noise = randn(out.shape, generator, out.dtype, x.device) if t_now > 0 else None
         x = ddpm_step(x, x0_pred, ab_t, ab_prev, noise)
-        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
-            x = step_hook(i, x)
-        if callback is not None:
-            callback(i, x, x0_pred)
+        x = end_step(i, x, x0_pred, step_hook, callback)
     return x
 
 
@@ -174,10 +163,7 @@ def pndm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, prediction_type="epsi
             else:
                 out_prime = (1 / 24) * (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3])
             x = pndm_transfer(x, out_prime, ab(t_now), ab(t_now - ratio), prediction_type)
-        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
-            x = step_hook(i, x)
-        if callback is not None:
-            callback(i, x, x0_pred)
+        x = end_step(i, x, x0_pred, step_hook, callback)
     return x
 
 
@@ -215,10 +201,7 @@ def dpmpp_2m(eps_fn: EpsFn, x, t, sigmas, *, start=0, prediction_type="epsilon",
             x_next = ((sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * D0
                       - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1)
         x, x0_prev = x_next, x0_pred
-        if step_hook is not None:  # e.g. plain-SD inpainting puts the known region back
-            x = step_hook(i, x)
-        if callback is not None:
-            callback(i, x, x0_pred)
+        x = end_step(i, x, x0_pred, step_hook, callback)
     return x
 
 

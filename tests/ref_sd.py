@@ -8,7 +8,6 @@ any configs of ours (tiny or SD 1.x), tokenizer files included, so the loader ru
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gzip
 import json

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 
 import torch
-from torch import nn
 
 from ldm.unet import UNetConfig, UNetModel
 from ldm.weights import random_init_

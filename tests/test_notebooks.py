@@ -3,7 +3,6 @@
 Each notebook imports ldm (never a copy of it) and uses a real checkpoint from weights/ when
 there is one, a tiny random model otherwise.
 """
-import os
 from pathlib import Path
 
 import pytest

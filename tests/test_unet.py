@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import ref_unet
-from ldm.unet import (CrossAttention, ResBlock, SpatialTransformer, UNetConfig, UNetModel,
+from ldm.unet import (CrossAttention, UNetConfig, UNetModel,
                       timestep_embedding)
 
 ROOT = Path(__file__).resolve().parents[1]
