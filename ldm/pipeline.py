@@ -41,7 +41,6 @@ from ldm import checkpoint, images as imgs, samplers, weights
 from ldm.k_samplers import randn
 from ldm.schedule import Schedule
 from ldm.tokenizer import CLIPTokenizer
-from ldm.vae import SCALING_FACTOR
 
 __all__ = ["load", "Pipeline", "Result", "NonFiniteError", "default_device_dtype"]
 
@@ -65,14 +64,19 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     return device, dtype
 
 
-def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
-    """x unchanged, or NonFiniteError saying how many values of `what` are NaN/inf and the likely cause."""
+def check_finite(x: torch.Tensor, what: str, computed_in: torch.dtype | None = None) -> torch.Tensor:
+    """x unchanged, or NonFiniteError saying how many values of `what` are NaN/inf and the likely
+    cause, which depends on the precision the network that made x ran in (`computed_in`)."""
     bad = ~torch.isfinite(x)
     if bad.any():
-        raise NonFiniteError(
-            f"{what} has {int(bad.sum())} NaN/inf values of {x.numel()} ({x.dtype}): nothing was saved. "
-            f"This is half-precision overflow; run in float32 (dtype=torch.float32, or --dtype fp32), "
-            f"or keep the VAE in float32 (vae_dtype=torch.float32)")
+        computed_in = computed_in or x.dtype
+        if computed_in in (torch.float16, torch.bfloat16):
+            cause = (f"computed in {computed_in}: half-precision overflow; run in float32 (dtype=torch.float32, "
+                     f"or --dtype fp32), or keep the VAE in float32 (vae_dtype=torch.float32)")
+        else:
+            cause = (f"computed in {computed_in}, so not a half-precision overflow: the checkpoint's weights "
+                     f"may hold NaN/inf (check the file), or the sampler settings diverged")
+        raise NonFiniteError(f"{what} has {int(bad.sum())} NaN/inf values of {x.numel()}: nothing was saved; {cause}")
     return x
 
 
@@ -136,6 +140,16 @@ class Pipeline:
         """The smallest image side: one latent pixel at the UNet's deepest level (64 px for SD 1.x)."""
         return self.vae.cfg.downsample_factor * 2 ** (len(self.unet.cfg.channel_mult) - 1)
 
+    @property
+    def default_size(self) -> int:
+        """The image side the model was trained at: the UNet's sample_size latents times the VAE's
+        factor (512 for SD 1.x, 64 for ldm's shipped shapes model)."""
+        return self.unet.cfg.sample_size * self.vae.cfg.downsample_factor
+
+    def _latent_shape(self, height: int, width: int) -> tuple[int, int]:
+        f = self.vae.cfg.downsample_factor
+        return height // f, width // f
+
     def _check_size(self, height, width):
         m, lo = self.vae.cfg.downsample_factor, self.min_size
         for name, v in (("height", height), ("width", width)):
@@ -153,10 +167,10 @@ class Pipeline:
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1] -> (len(generators), 4, H/8, W/8) float32 latents, one posterior
-        draw per generator, times SCALING_FACTOR (diffusers' retrieve_latents, sample mode)."""
+        draw per generator, times the VAE's scaling factor (diffusers' retrieve_latents, sample mode)."""
         posterior = self.vae.encode(image.to(self.device, self.vae_dtype))
         z = torch.cat([posterior.sample(g) for g in generators])  # (B, 4, h, w)
-        return (z * SCALING_FACTOR).float()
+        return (z * self.vae.cfg.scaling_factor).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile: bool | None = None) -> torch.Tensor:
@@ -164,16 +178,16 @@ class Pipeline:
 
         tile=None tiles above AUTO_TILE_LATENT latents a side (512 pixels); NaN/inf raise NonFiniteError.
         """
-        check_finite(latents, "the latent")
+        check_finite(latents, "the latent", self.dtype)
         out = []
         for b, z in enumerate(latents.split(1)):  # one at a time: peak memory of one decode
-            z = (z / SCALING_FACTOR).to(self.device, self.vae_dtype)  # (1, 4, h, w), unscaled
+            z = (z / self.vae.cfg.scaling_factor).to(self.device, self.vae_dtype)  # (1, 4, h, w), unscaled
             big = max(z.shape[-2:]) > AUTO_TILE_LATENT
             if tile or (tile is None and big):
                 x = self.vae.decode_tiled(z, tile_size=AUTO_TILE_LATENT, overlap=AUTO_TILE_LATENT // 4)
             else:
                 x = self.vae.decode(z)
-            out.append(check_finite(x, f"decoded image {b}").float())
+            out.append(check_finite(x, f"decoded image {b}", self.vae_dtype).float())
         return torch.cat(out)  # (B, 3, H, W)
 
     def eps_fn(self, context: torch.Tensor, guidance: float, extra: torch.Tensor | None = None):
@@ -201,13 +215,16 @@ class Pipeline:
         """The images of generate(prompt, **kwargs)."""
         return self.generate(prompt, **kwargs).images
 
-    def generate(self, prompt, *, height: int = 512, width: int = 512, **kwargs) -> Result:
-        """Text to image. Keywords: see _run (steps, scheduler, guidance, seed, negative_prompt, ...)."""
+    def generate(self, prompt, *, height: int | None = None, width: int | None = None, **kwargs) -> Result:
+        """Text to image. height/width default to default_size; other keywords: see _run (steps,
+        scheduler, guidance, seed, negative_prompt, ...)."""
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
         if self.is_inpainting:
             raise ValueError("this is an inpainting checkpoint (9-channel UNet): use pipe.inpaint(prompt, "
                              "image, mask) or `ldm inpaint`, or load a plain SD 1.x checkpoint")
         self._check_size(height, width)
-        return self._run(prompt, mode="txt2img", shape=(height // 8, width // 8), **kwargs)
+        return self._run(prompt, mode="txt2img", shape=self._latent_shape(height, width), **kwargs)
 
     def img2img(self, prompt, image: Image.Image, *, strength: float = 0.75, height: int | None = None,
                 width: int | None = None, **kwargs) -> Result:
@@ -216,7 +233,7 @@ class Pipeline:
             raise ValueError("img2img needs a plain SD 1.x checkpoint, not an inpainting one (9-channel UNet)")
         x = imgs.from_pil(image, height, width)  # (1, 3, H, W)
         self._check_size(x.shape[2], x.shape[3])
-        return self._run(prompt, mode="img2img", shape=(x.shape[2] // 8, x.shape[3] // 8), image=x,
+        return self._run(prompt, mode="img2img", shape=self._latent_shape(x.shape[2], x.shape[3]), image=x,
                          strength=strength, **kwargs)
 
     def inpaint(self, prompt, image: Image.Image, mask: Image.Image, *, strength: float = 1.0,
@@ -225,7 +242,7 @@ class Pipeline:
         x = imgs.from_pil(image, height, width)  # (1, 3, H, W)
         self._check_size(x.shape[2], x.shape[3])
         m = imgs.mask_from_pil(mask, image.size, height, width)  # (1, 1, H, W)
-        return self._run(prompt, mode="inpaint", shape=(x.shape[2] // 8, x.shape[3] // 8), image=x, mask=m,
+        return self._run(prompt, mode="inpaint", shape=self._latent_shape(x.shape[2], x.shape[3]), image=x, mask=m,
                          strength=strength, **kwargs)
 
     @torch.no_grad()
@@ -272,14 +289,15 @@ class Pipeline:
             init = self.encode_image(image, generators)  # (B, 4, h, w): one posterior draw per image
         elif mode == "inpaint" and (not self.is_inpainting or strength < 1.0):
             init = self.encode_image(image, generators[:1]).expand(B, -1, -1, -1)  # diffusers: generator 0
-        noise = randn((B, 4, h, w), generators, torch.float32, self.device)  # N(0, I)
+        C = self.vae.cfg.embed_dim  # latent channels: 4 for SD
+        noise = randn((B, C, h, w), generators, torch.float32, self.device)  # N(0, I)
         if mode == "inpaint":
             mask_lat = torch.nn.functional.interpolate(mask, size=(h, w)).to(self.device)  # (1, 1, h, w) nearest
             if self.is_inpainting:  # 9 channels: mask + latent of the image with the repainted part blacked out
                 masked = self.encode_image(image * (mask < 0.5), generators[:1])  # (1, 4, h, w)
                 extra = torch.cat([mask_lat, masked], dim=1).expand(B, -1, -1, -1).to(self.dtype)
             else:  # 4 channels: paste the known region back after every step, noised to the next level
-                torch.randn((1, 4, h, w), generator=generators[0], dtype=self.vae_dtype)  # diffusers encodes the
+                torch.randn((1, C, h, w), generator=generators[0], dtype=self.vae_dtype)  # diffusers encodes the
                 # masked image here too (unused with 4 channels): draw its numbers to stay in step with it
                 hook = self._blend_hook(scheduler, steps, spacing, karras, init, noise, mask_lat)
             if strength == 1.0:
@@ -307,11 +325,12 @@ class Pipeline:
                 init=init, strength=strength if init is not None else 1.0, step_hook=hook)
         finally:
             bar.close()
-        check_finite(latents, "the final latent (the UNet's output overflowed?)")
+        check_finite(latents, "the final latent", self.dtype)
 
         # 4. decode, and the PNG text of each image
         pil = imgs.to_pil(self.decode(latents, tile))
-        size = f"{w * 8}x{h * 8}"
+        f = self.vae.cfg.downsample_factor
+        size = f"{w * f}x{h * f}"
         params = [imgs.parameters_text(
             prompts[b // num_images], negatives[b // num_images], steps=steps, sampler=scheduler,
             cfg_scale=guidance, seed=seeds[b], size=size, model=self.name or None,

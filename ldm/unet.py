@@ -88,10 +88,12 @@ class UNetConfig:
     num_heads: int = 8                                # head_dim = width / num_heads: 40, 80, 160
     transformer_depth: int = 1                        # BasicTransformerBlocks per SpatialTransformer
     context_dim: int = 768                            # width of the text embeddings
+    sample_size: int = 64                             # the latent side it was trained at (diffusers' name):
+                                                      # default image side = sample_size * the VAE's factor
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
-                     "num_heads", "transformer_depth", "context_dim"):
+                     "num_heads", "transformer_depth", "context_dim", "sample_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"UNetConfig: {name}={getattr(self, name)} must be >= 1")
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):

@@ -14,10 +14,12 @@ A 512x512 RGB image (786,432 numbers) becomes a 64x64x4 latent (16,384 numbers):
       -> post_quant_conv (1x1) -> Decoder (the mirror image, Upsample = nearest 2x + 3x3 conv)
                                                             (B, 3, H, W), roughly in [-1, 1]
 
-The diffusion model never sees z itself but `SCALING_FACTOR * z` (0.18215, about 1 / std of
-the encoder's latents over the training images, so the UNet works on unit-variance latents).
-This file keeps that scaling explicit: `encode` and `decode` speak unscaled latents, and
-the caller multiplies by SCALING_FACTOR after encoding and divides before decoding.
+The diffusion model never sees z itself but `scaling_factor * z` (SD 1.x: SCALING_FACTOR =
+0.18215, about 1 / std of the encoder's latents over the training images, so the UNet works on
+unit-variance latents). Each VAE carries its own in `VAEConfig.scaling_factor` (as diffusers'
+AutoencoderKL config does): a VAE trained by ldm stores the one it measured. This file keeps
+that scaling explicit: `encode` and `decode` speak unscaled latents, and the caller multiplies
+by `vae.cfg.scaling_factor` after encoding and divides before decoding.
 
 Parameter names equal the checkpoint keys after `first_stage_model.` (CompVis layout:
 `encoder.down.1.block.0.nin_shortcut.weight`, `decoder.mid.attn_1.q.weight`, ...), 248
@@ -63,6 +65,7 @@ class VAEConfig:
     embed_dim: int = 4  # latent channels after quant_conv; SD 1.x: equal to z_channels
     norm_groups: int = 32  # GroupNorm groups everywhere (CompVis hard-codes 32)
     norm_eps: float = 1e-6
+    scaling_factor: float = SCALING_FACTOR  # the UNet sees scaling_factor * z: about 1 / std(z)
 
     @classmethod
     def tiny(cls) -> "VAEConfig":
@@ -85,6 +88,8 @@ class VAEConfig:
                     f"positive multiple of norm_groups={self.norm_groups}")
         if self.num_res_blocks < 1:
             raise ValueError(f"num_res_blocks={self.num_res_blocks} must be >= 1")
+        if not (0 < self.scaling_factor < float("inf")):
+            raise ValueError(f"scaling_factor={self.scaling_factor} must be a positive finite number")
 
 
 # --- the posterior ---------------------------------------------------------------------------
