@@ -5,7 +5,8 @@ For every sampler, spacing, Karras setting and step count 1, 2, 7, 20, 50, the t
 the whole sequence and the final latent. fp32 is bit-exact except LMS (diffusers integrates its
 coefficients numerically from float32 values; ours are exact). At fp64, DDIM/DDPM/PNDM/Heun are
 bit-exact; diffusers' Euler, Euler ancestral and DPM-Solver cast the latent to float32 inside step(),
-so there the comparison allows that rounding.
+so there the comparison allows that rounding. Those comparisons run both loops in this process;
+the stored trajectories (written on another machine) are compared at the fp32 noise floor instead.
 """
 import pytest
 import torch
@@ -22,12 +23,18 @@ SHAPE = (1, 2, 2, 2)
 STEP_COUNTS = [1, 2, 7, 20, 50]
 KARRAS_OK = ("euler", "heun", "lms", "dpmpp_2m")  # the diffusers schedulers with use_karras_sigmas
 
-# (rtol, atol) per (sampler, dtype); missing = bit-exact
+# (rtol, atol) per (sampler, dtype) between ours and diffusers run in this process; missing = bit-exact
 TOLERANCE = {
     ("lms", torch.float32): (1e-5, 1e-4), ("lms", torch.float64): (1e-7, 1e-5),
     ("euler", torch.float64): (1e-6, 1e-5), ("euler_a", torch.float64): (1e-6, 1e-5),
     ("dpmpp_2m", torch.float64): (1e-6, 1e-5),
 }
+# The stored trajectories were written on another machine. The same fp32 computation differs by a
+# few ulps between CPUs (AVX2 vs AVX-512 kernels for tanh/sin/cos, thread counts): 3.8e-6 on an
+# AVX-512 Xeon, 4.8e-6 here under ATEN_CPU_CAPABILITY=default. So they are compared at the fp32
+# noise floor, never bit-exactly; the timesteps (fp64 arithmetic) at fp64's.
+STORED_TOL = dict(rtol=1e-5, atol=2e-5)
+STORED_T_TOL = dict(rtol=1e-12, atol=1e-9)
 
 
 def recording(fn, calls):
@@ -139,10 +146,11 @@ def test_stored_reference_trajectories(key):
     final, calls = run_ours(name, stored["inputs.noise"], steps, spacing=spacing, karras=karras, eta=eta,
                             generator=g)
     rtol, atol = TOLERANCE.get((name, torch.float32), (0.0, 0.0))
+    tol = dict(rtol=max(rtol, STORED_TOL["rtol"]), atol=max(atol, STORED_TOL["atol"]))   # stored: fp32 noise floor
     torch.testing.assert_close(torch.tensor([t for _, t in calls], dtype=torch.float64),
-                               stored[f"outputs.{key}.t"], rtol=0, atol=0)
-    torch.testing.assert_close(torch.stack([x for x, _ in calls]), stored[f"outputs.{key}.x"], rtol=rtol, atol=atol)
-    torch.testing.assert_close(final, stored[f"outputs.{key}.final"], rtol=rtol, atol=atol)
+                               stored[f"outputs.{key}.t"], **STORED_T_TOL)
+    torch.testing.assert_close(torch.stack([x for x, _ in calls]), stored[f"outputs.{key}.x"], **tol)
+    torch.testing.assert_close(final, stored[f"outputs.{key}.final"], **tol)
 
 
 @pytest.mark.parametrize("name", samplers.SAMPLERS)
