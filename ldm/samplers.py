@@ -12,7 +12,8 @@ passes eps_fn exactly the (x, t) sequence that diffusers' pipeline passes its UN
 scheduler (configured as SD 1.x configures it), and draws its random noise from `generator` in the
 same order, shapes and dtypes, so results match diffusers step for step.
 
-This file holds the DDPM-space samplers (the latent is x_t itself): DDIM, DDPM, PNDM/PLMS, DPM++ 2M.
+This file holds the DDPM-space samplers (the latent is x_t itself): DDIM, DDPM, PNDM/PLMS, DPM++ 2M,
+and LCM (the few-step sampler of latent consistency models and LCM-LoRA).
 The sigma-space ones (Euler, Euler ancestral, Heun, LMS) are in ldm/k_samplers.py.
 
 Notation:
@@ -29,6 +30,7 @@ Notation:
     sigma_t (DDIM)    std_dev           std of the noise DDIM adds (eta * DDPM posterior std)
     sigma, lambda     sigma, lam        sigma-space noise level; lambda = log(alpha/sigma), half log-SNR
     eta               eta               DDIM stochasticity: 0 deterministic, 1 = DDPM posterior
+    c_skip, c_out     c_skip, c_out     LCM's boundary-condition weights of x_t and x0_pred
 
 All samplers are pure: they read the grid, keep their history (PLMS's eps list, DPM's x0 list) in
 local variables, never edit the caller's tensors, and need no set-up call.
@@ -42,15 +44,18 @@ from ldm.k_samplers import Callback, EpsFn, StepHook, end_step, randn
 from ldm.schedule import SPACINGS, Schedule, img2img_start_step, karras_sigmas
 
 __all__ = ["SAMPLERS", "PREDICTION_TYPES", "DEFAULT_SPACING", "sample", "sampler_grid", "initial_latent",
-           "noised_latent", "ddim", "ddpm", "pndm", "dpmpp_2m", "ddim_step", "ddpm_step", "pndm_transfer",
-           "predict_x0_eps"]
+           "noised_latent", "ddim", "ddpm", "pndm", "dpmpp_2m", "lcm", "ddim_step", "ddpm_step", "pndm_transfer",
+           "predict_x0_eps", "lcm_timesteps", "lcm_boundary"]
 
-SAMPLERS = ("ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "lms", "dpmpp_2m")
+SAMPLERS = ("ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "lcm")
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # diffusers' default spacing per scheduler (SD 1.x's config names none, so these apply)
 DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "pndm": "leading", "euler": "linspace",
-                   "euler_a": "linspace", "heun": "linspace", "lms": "linspace", "dpmpp_2m": "linspace"}
+                   "euler_a": "linspace", "heun": "linspace", "lms": "linspace", "dpmpp_2m": "linspace",
+                   "lcm": "leading"}  # LCM walks its own grid (lcm_timesteps) whatever the spacing, like diffusers
+LCM_ORIGINAL_STEPS = 50  # the grid LCM was distilled on: every T // 50-th timestep (diffusers' default)
+LCM_TIMESTEP_SCALING = 10.0
 
 
 
@@ -205,12 +210,61 @@ def dpmpp_2m(eps_fn: EpsFn, x, t, sigmas, *, start=0, prediction_type="epsilon",
     return x
 
 
+# ---- LCM ---------------------------------------------------------------------------------------
+def lcm_timesteps(schedule: Schedule, steps: int, original_steps: int = LCM_ORIGINAL_STEPS) -> torch.Tensor:
+    """LCM's N timesteps, float64 (N,): N evenly spaced indices into the distillation grid
+    k-1, 2k-1, ..., T-1 (k = T // original_steps), noisiest first. SD 1.x, 4 steps: 999, 759, 499, 259."""
+    T = schedule.num_train_timesteps
+    if not 1 <= original_steps <= T:
+        raise ValueError(f"original_steps={original_steps} must be from 1 to num_train_timesteps={T}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= original_steps:
+        raise ValueError(f"steps={steps!r} is not allowed for 'lcm': use an integer from 1 to {original_steps} "
+                         f"(its distillation grid has {original_steps} timesteps; LCM wants 2 to 8)")
+    k = T // original_steps
+    origin = (torch.arange(original_steps, 0, -1, dtype=torch.float64) * k - 1)  # T-1, ..., 2k-1, k-1
+    index = (torch.arange(steps, dtype=torch.float64) * (original_steps / steps)).floor().long()  # np.linspace
+    return origin[index]
+
+
+def lcm_boundary(t: int, sigma_data: float = 0.5, scaling: float = LCM_TIMESTEP_SCALING):
+    """(c_skip, c_out) of the consistency parametrisation f(x, t) = c_skip x + c_out x0_pred (Song et al. 2023,
+    eq. 3 with the EDM weights; LCM scales t by 10): c_skip = s^2 / ((10t)^2 + s^2), c_out = 10t / sqrt(...)."""
+    scaled = torch.tensor(int(t)) * scaling  # float32, computed as the reference does
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / (scaled**2 + sigma_data**2) ** 0.5
+
+
+def lcm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, generator=None, prediction_type="epsilon",
+        callback: Callback = None, step_hook: StepHook = None, **_):
+    """Multistep latent consistency sampling (Luo et al. 2023, "Latent Consistency Models", Alg. 1).
+
+    Each step jumps to a clean estimate with the consistency function, then noises it afresh down to
+    the next grid point; the last step returns the estimate itself (no noise after it).
+    """
+    for i in range(start, len(t)):
+        t_now = int(t[i])
+        ab_t = sched.alpha_bar[t_now]
+        out = eps_fn(x, t[i].float().to(x.device))
+        x0_pred, _ = predict_x0_eps(out, x, ab_t, prediction_type)  # 1. x_0 from eps (or v)
+        c_skip, c_out = lcm_boundary(t_now)
+        denoised = c_out * x0_pred + c_skip * x  # 2. consistency function f(x_t, t)
+        if i + 1 < len(t):  # 3. q(x_{t_next} | x_0 = denoised) with fresh noise
+            ab_next = sched.alpha_bar[int(t[i + 1])]
+            noise = randn(out.shape, generator, denoised.dtype, x.device)
+            x = ab_next.sqrt() * denoised + (1 - ab_next).sqrt() * noise
+        else:
+            x = denoised
+        x = end_step(i, x, denoised, step_hook, callback)
+    return x
+
+
 # ---- grids and the entry point ---------------------------------------------------------------
 def sampler_grid(name: str, schedule: Schedule, steps: int, spacing: str | None = None, karras: bool = False):
     """(t, sigmas): the N timesteps a sampler calls eps_fn at, and (for sigma-space and DPM) N+1 sigmas."""
     spacing = spacing or DEFAULT_SPACING[name]
     if name in SIGMA_SPACE:
         return k_samplers.sigma_grid(schedule, steps, spacing, karras)
+    if name == "lcm":
+        return lcm_timesteps(schedule, steps).float(), None
     if name == "dpmpp_2m":
         # DPM-Solver's grid: N+1 points with the last (t ~ 0) dropped, except for trailing
         if spacing == "trailing":
@@ -264,6 +318,8 @@ def _check(name, steps, schedule, spacing, karras, eta, prediction_type, strengt
     if name not in SAMPLERS:
         raise ValueError(f"sampler {name!r} is unknown; valid: {', '.join(SAMPLERS)}")
     schedule.check_steps(steps)
+    if name == "lcm":
+        lcm_timesteps(schedule, steps)  # its own limit: steps <= LCM_ORIGINAL_STEPS
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f"spacing={spacing!r} is unknown; valid: {', '.join(SPACINGS)}")
     if karras and name not in (*SIGMA_SPACE, "dpmpp_2m"):
@@ -289,10 +345,10 @@ def sample(name: str, eps_fn: EpsFn, noise: torch.Tensor, steps: int, schedule: 
     """Run sampler `name` for `steps` steps and return the final latent x_0 (same shape as noise).
 
     name: one of SAMPLERS. noise: N(0, I) of the latent's shape (scaled here by the initial sigma).
-    schedule: defaults to Schedule.sd1(). generator: the source of the noise DDPM, Euler ancestral and
-    DDIM with eta > 0 add during sampling (a list: one generator per batch row). callback(i, x, x0_pred)
+    schedule: defaults to Schedule.sd1(). generator: the source of the noise DDPM, Euler ancestral,
+    LCM and DDIM with eta > 0 add during sampling (a list: one generator per batch row). callback(i, x, x0_pred)
     runs after step i (0..N-1) with the new latent and the x_0 estimate that drove the step.
-    spacing: None picks the reference's default for that sampler (DEFAULT_SPACING). karras: Karras
+    spacing: None picks the reference's default for that sampler (DEFAULT_SPACING); LCM ignores it. karras: Karras
     sigmas (sigma-space samplers and dpmpp_2m). eta: DDIM only. prediction_type: "epsilon" or "v_prediction".
     img2img: pass init (the encoded image latent, already times 0.18215) and strength in [0, 1]; the first
     img2img_start_step(steps, strength) steps are skipped and `noise` is added to init at the first
@@ -313,7 +369,8 @@ def sample(name: str, eps_fn: EpsFn, noise: torch.Tensor, steps: int, schedule: 
             return init.clone()
         x = noised_latent(name, init, noise, start, t, sigmas, schedule)
     loop = {"ddim": ddim, "ddpm": ddpm, "pndm": pndm, "dpmpp_2m": dpmpp_2m, "euler": k_samplers.euler,
-            "euler_a": k_samplers.euler_ancestral, "heun": k_samplers.heun, "lms": k_samplers.lms}[name]
+            "euler_a": k_samplers.euler_ancestral, "heun": k_samplers.heun, "lms": k_samplers.lms,
+            "lcm": lcm}[name]
     grid = sigmas if name in (*SIGMA_SPACE, "dpmpp_2m") else schedule
     return loop(eps_fn, x, t, grid, start=start, eta=eta, generator=generator,
                 prediction_type=prediction_type, callback=callback, step_hook=step_hook)

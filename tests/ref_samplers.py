@@ -24,7 +24,7 @@ def make_scheduler(name: str, spacing: str | None = None, karras: bool = False,
     cls = {"ddim": d.DDIMScheduler, "ddpm": d.DDPMScheduler, "pndm": d.PNDMScheduler,
            "euler": d.EulerDiscreteScheduler, "euler_a": d.EulerAncestralDiscreteScheduler,
            "heun": d.HeunDiscreteScheduler, "lms": d.LMSDiscreteScheduler,
-           "dpmpp_2m": d.DPMSolverMultistepScheduler}[name]
+           "dpmpp_2m": d.DPMSolverMultistepScheduler, "lcm": d.LCMScheduler}[name]
     kw = dict(SD1, prediction_type=prediction_type, **config)
     if name in ("ddim", "pndm"):
         kw["set_alpha_to_one"] = False

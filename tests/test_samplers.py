@@ -181,7 +181,7 @@ def test_strength_zero_returns_init_and_callback_indices_start_late():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(name="plms"), r"sampler 'plms' is unknown; valid: ddim, ddpm, pndm, euler, euler_a, heun, lms, dpmpp_2m"),
+    (dict(name="plms"), r"sampler 'plms' is unknown; valid: ddim, ddpm, pndm, euler, euler_a, heun, lms, dpmpp_2m, lcm"),
     (dict(steps=0), r"steps=0 .* from 1 to num_train_timesteps=1000"),
     (dict(steps=1001), r"steps=1001"),
     (dict(eta=-0.5), r"eta=-0.5 must be >= 0"),

@@ -44,7 +44,10 @@ def test_sliced_wasserstein_sees_the_truth_and_a_shift():
     assert toy.sliced_wasserstein(exact * 1.3, m) > 3 * floor
 
 
-@pytest.mark.parametrize("name", samplers.SAMPLERS)
+# LCM is left out: it expects a consistency-distilled model, whose output at any t is a *sample*
+# of x_0. Fed the exact denoiser (the posterior *mean*), each step jumps to that mean and re-noises,
+# so it lands near the mixture's centres but blurred (0.108 at 25 steps, against a 0.06 bar).
+@pytest.mark.parametrize("name", [n for n in samplers.SAMPLERS if n != "lcm"])
 def test_every_sampler_lands_on_the_mixture(name):
     m = toy.ring()
     noise = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
