@@ -17,12 +17,17 @@ with `load_state_dict(strict=True)`. Some checkpoints also carry the buffer
 `text_model.embeddings.position_ids` (just 0..76); ldm.checkpoint drops it, because positions
 are computed here.
 
+New tokens (textual inversion, see ldm.prompt) grow the token embedding in place:
+`add_embeddings(vectors)` appends rows and returns their ids, keeping the parameter name
+`text_model.embeddings.token_embedding.weight` (so state_dict keys stay checkpoint keys; the
+table then has more rows than a checkpoint's 49,408).
+
 Reference: Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision"; parity with `transformers.CLIPTextModel` is tested in tests/test_clip.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +165,9 @@ class CLIPTextModel(nn.Module):
     embedding output and entry i the output of block i (no final layer norm), so there are
     num_hidden_layers + 1 of them. `clip_skip=n` takes the output of block L - n (with the
     final layer norm applied) instead of the last block, the "CLIP skip" that some
-    fine-tuned checkpoints want; clip_skip=0 is SD 1.x.
+    fine-tuned checkpoints want; clip_skip=0 is SD 1.x. This is diffusers' count (its
+    encode_prompt(clip_skip=n) is the same tensor); A1111's "Clip skip" setting counts from 1,
+    so A1111's N is clip_skip=N - 1 here (ldm.prompt.encode takes A1111's N).
     """
 
     def __init__(self, cfg: CLIPTextConfig = CLIPTextConfig(), backend: str = "sdpa"):
@@ -168,6 +175,26 @@ class CLIPTextModel(nn.Module):
         self.config = cfg
         self.backend = backend  # "math" (readable) or "sdpa" (fused); same numbers
         self.text_model = CLIPTextTransformer(cfg)
+
+    def add_embeddings(self, vectors: torch.Tensor) -> list[int]:
+        """Append `vectors` (n, hidden_size) as new rows of the token embedding; returns their ids.
+
+        The ids run from the old vocab_size upward (as ldm.tokenizer's add_tokens gives them);
+        config.vocab_size grows with the table. The parameter keeps its name, device and dtype.
+        """
+        emb = self.text_model.embeddings.token_embedding
+        C = emb.embedding_dim
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] != C \
+                or not vectors.is_floating_point() or not vectors.shape[0]:
+            shown = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+            raise ValueError(f"vectors has shape {shown}; expected a float tensor (n >= 1, {C}), "
+                             f"one row of the text encoder's width {C} per new token")
+        old = emb.weight
+        rows = vectors.detach().to(device=old.device, dtype=old.dtype)
+        emb.weight = nn.Parameter(torch.cat([old.detach(), rows]), requires_grad=old.requires_grad)  # (V + n, C)
+        emb.num_embeddings = emb.weight.shape[0]
+        self.config = replace(self.config, vocab_size=emb.num_embeddings)
+        return list(range(old.shape[0], emb.num_embeddings))
 
     def forward(self, ids: torch.Tensor, return_hidden_states: bool = False, clip_skip: int = 0):
         cfg = self.config

@@ -43,6 +43,13 @@ its first line is a header, then 262,144 merges ranked by line. CLIP keeps the f
 the vocabulary has 256 byte symbols + 256 with "</w>" + 48,894 merged symbols + 2 specials =
 49,408 ids; BOS = 49406, EOS = 49407, and SD pads with EOS (not 0).
 
+Added tokens (textual inversion): `add_tokens(names)` gives new words ids from 49,408 upward.
+They are cut out of the normalized text before the split and BPE, as transformers' added tokens
+are (`CLIPTokenizer.add_tokens`): case-insensitively, the longest name first, but only as whole
+words (not inside a run of letters or digits: a name "cat" leaves "concat" alone, where
+transformers would split it). `add_tokens(names, group=True)` makes the first name stand for all
+of them, so the prompt word of a multi-vector embedding becomes its n ids. ldm.prompt uses this.
+
 Reference: Radford et al. 2021 (CLIP); Sennrich et al. 2016 (BPE); Radford et al. 2019 (GPT-2,
 byte-level BPE). Parity with `transformers.CLIPTokenizer` is tested in tests/test_tokenizer.py.
 """
@@ -216,6 +223,11 @@ class CLIPTokenizer:
         self.vocab_size = len(tokens)
         self.max_length = max_length  # T: BOS + (max_length - 2) BPE ids + EOS
         self._bpe_cached = functools.lru_cache(maxsize=1 << 16)(self._bpe)
+        # added tokens (textual inversion): normalized word -> the ids it stands for
+        self.base_vocab_size = self.vocab_size
+        self.added_words: dict[str, tuple[int, ...]] = {}
+        self._added_re: re.Pattern | None = None
+        self._added_longest_first: list[str] = []
 
     def __repr__(self) -> str:
         return (f"CLIPTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, "
@@ -254,23 +266,80 @@ class CLIPTokenizer:
             raise ValueError(f"word={word!r} must be a non-empty str")
         return list(self._bpe_cached(word))
 
+    # -- added tokens: new whole words with ids from base_vocab_size upward --
+
+    def add_tokens(self, names: Sequence[str], *, group: bool = False) -> list[int]:
+        """Add `names` as new tokens; returns their ids (vocab_size, vocab_size + 1, ...).
+
+        A name is matched in a prompt after normalization (so case-insensitively), as a whole
+        word, before BPE. With group=True the first name stands for all of them in order
+        (a 3-vector embedding "tok" is added as ["tok", "tok_1", "tok_2"], and "tok" in a prompt
+        gives all 3 ids); each further name still matches alone. Nothing is added if any name
+        is refused (empty, repeated, already a vocabulary token or an added one).
+        """
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+            raise TypeError(f"names={names!r} must be a non-empty list of str")
+        words = []
+        for name in names:
+            word = normalize(name).strip(" ") if isinstance(name, str) else ""
+            if not word or word != normalize(name) or BOS in word or EOS in word:
+                raise ValueError(f"token name {name!r} must be a non-empty str without leading or "
+                                 "trailing whitespace or special tokens")
+            if word in self.vocab or word in self.added_words or word in words:
+                shown = "" if word == name else f" (as {word!r})"
+                raise ValueError(f"token name {name!r} is already a token{shown}; choose another name")
+            words.append(word)
+        ids = list(range(self.vocab_size, self.vocab_size + len(words)))
+        for word, i in zip(words, ids):
+            self.added_words[word] = (i,)
+            self.id_to_token.append(word)
+        if group:
+            self.added_words[words[0]] = tuple(ids)
+        self.vocab_size += len(words)
+        self._added_longest_first = sorted(self.added_words, key=len, reverse=True)
+        self._added_re = re.compile("|".join(map(re.escape, self._added_longest_first)))
+        return ids
+
+    def _split_added(self, text: str) -> list[str | tuple[int, ...]]:
+        """Normalized text -> pieces of text and, where an added word stands, its ids."""
+        out: list[str | tuple[int, ...]] = []
+        start = i = 0
+        while self._added_re is not None and (m := self._added_re.search(text, i)) is not None:
+            a = m.start()
+            word = next((w for w in self._added_longest_first
+                         if text.startswith(w, a) and _whole_word(text, a, a + len(w))), None)
+            if word is None:  # inside a longer word: not this token
+                i = a + 1
+                continue
+            out += [text[start:a], self.added_words[word]]
+            start = i = a + len(word)
+        return [*out, text[start:]]
+
     # -- 1-6: text -> pieces -> ids --
 
     def tokenize(self, text: str) -> list[str]:
         """Text -> BPE pieces (strings), without BOS/EOS. For inspection."""
+        return [self.id_to_token[i] if isinstance(i, int) else i for i in self._pieces(text)]
+
+    def _pieces(self, text: str) -> list[str | int]:
+        """BPE pieces, with added tokens as their ids (they have no BPE spelling)."""
         _check_text(text, "text")
-        pieces: list[str] = []
+        pieces: list[str | int] = []
         for chunk in re.split(f"({re.escape(BOS)}|{re.escape(EOS)})", text):
             if chunk in (BOS, EOS):  # exact-case specials, cut out before normalization
                 pieces.append(chunk)
                 continue
-            for word in split_words(normalize(chunk)):
-                pieces += self._bpe_cached(word)
+            for part in self._split_added(normalize(chunk)):
+                if isinstance(part, tuple):  # an added word: its ids, no BPE
+                    pieces += part
+                    continue
+                for word in split_words(part):
+                    pieces += self._bpe_cached(word)
         return pieces
 
     def encode(self, text: str) -> list[int]:
         """Text -> BPE ids, without BOS/EOS and untruncated."""
-        return [self.vocab[p] for p in self.tokenize(text)]
+        return [p if isinstance(p, int) else self.vocab[p] for p in self._pieces(text)]
 
     def decode(self, ids) -> str | list[str]:
         """Ids -> text: specials and padding dropped, one space after each word.
@@ -296,6 +365,9 @@ class CLIPTokenizer:
             if i in (self.bos_id, self.eos_id):
                 continue
             token = self.id_to_token[i]
+            if i >= self.base_vocab_size:  # an added token: its name, as a word
+                out += (token + " ").encode("utf-8", errors="surrogatepass")
+                continue
             end_of_word = token.endswith("</w>")
             out += bytes(self.byte_decoder[c] for c in (token[:-4] if end_of_word else token))
             if end_of_word:
@@ -334,6 +406,14 @@ class CLIPTokenizer:
                 ids = ids[:keep]
             out[b, : len(ids) + 2] = torch.tensor([self.bos_id, *ids, self.eos_id])
         return out
+
+
+def _whole_word(text: str, a: int, b: int) -> bool:
+    """Is text[a:b] not part of a longer run of letters or digits?"""
+    def glued(x: str, y: str) -> bool:  # two letters, or two digits
+        return _char_class(x) == _char_class(y) in ("L", "N")
+
+    return (a == 0 or not glued(text[a - 1], text[a])) and (b == len(text) or not glued(text[b - 1], text[b]))
 
 
 def _check_text(text, name: str) -> None:
