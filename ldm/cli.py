@@ -12,9 +12,13 @@
     ldm random-checkpoint PATH                 SD 1.x single-file layout, random weights
            [--size tiny|full] [--dtype fp32|fp16] [--seed N] [--inpainting]
 
-Every failure prints one line, `ldm: error: ...`, and exits with status 1 (2 for bad usage).
-Nothing on disk is ever overwritten: images get the next free number in the output folder, with
-the generation parameters in the PNG's "parameters" text chunk.
+Every failure prints one line, `ldm: error: ...`, and exits with status 1 (2 for bad usage, 130
+when interrupted); `ldm --debug ...` or LDM_DEBUG=1 shows the traceback of an unexpected one.
+Before any sampling the command checks the device, that --out can be written, and that the
+requested images fit in memory (see `working_memory`), so a run that cannot finish fails in
+seconds with the limit, not minutes later with a crash. Nothing on disk is ever overwritten:
+images get the next free number in the output folder, with the generation parameters in the
+PNG's "parameters" text chunk.
 """
 from __future__ import annotations
 
@@ -39,6 +43,13 @@ HOW_TO_GET_WEIGHTS = (
 
 class CLIError(Exception):
     """A failure to report in one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (argparse's own prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (`{self.prog} --help` lists the options)\n")
 
 
 def find_checkpoint(given: str | None) -> Path:
@@ -92,6 +103,8 @@ def cmd_encode(args) -> None:
 def cmd_random_checkpoint(args) -> None:
     from ldm import weights
 
+    parent = Path(args.path).parent  # checked before seconds of random weights
+    _writable_folder(parent, f"{args.path}: its folder {parent}")
     path = weights.random_checkpoint(args.path, size=args.size, dtype=DTYPES[args.dtype],
                                      seed=args.seed, inpainting=args.inpainting)
     print(f"wrote {path} ({args.size}, {args.dtype}, {path.stat().st_size / 2**20:.1f} MiB): "
@@ -108,15 +121,18 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _writable_folder(out: str) -> Path:
-    """Create --out if needed and prove we can write there, before minutes of sampling."""
-    folder = Path(out)
+def _writable_folder(folder: str | Path, what: str) -> Path:  # what: "--out outputs", for the error
+    """Create the folder if needed and prove we can write there, before minutes of work."""
+    folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise CLIError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        reason = e.strerror or str(e)
+        if isinstance(e, (FileExistsError, NotADirectoryError)):
+            reason += ": a file is in the way of the folder"
+        raise CLIError(f"{what}: cannot write there ({reason})") from None
     return folder
 
 
@@ -129,33 +145,191 @@ def _open_image(path: str, what: str):
             return im.copy()
     except OSError as e:  # missing file, not an image (PIL's UnidentifiedImageError is an OSError)
         raise CLIError(f"{what} {path}: cannot read it as an image ({e})") from None
+    except Image.DecompressionBombError as e:  # PIL refuses images of more than 2 x 89M pixels
+        raise CLIError(f"{what} {path}: {e}") from None
+
+
+# ---- the device and what it can hold ---------------------------------------------------------------
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def _device(text: str) -> torch.device:
+    """--device: 'cpu', 'cuda', 'cuda:N' or 'mps' (argparse type: a bad one is a usage error)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"device {text!r} is not one of cpu, cuda, cuda:N (N = 0, 1, ...), mps")
+    return device
+
+
+def check_device(device: torch.device | None) -> torch.device:
+    """The device to run on (default: cuda if present), or CLIError if this machine lacks it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise CLIError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise CLIError(f"--device {device}: this machine has {n} CUDA device{'s' if n > 1 else ''} "
+                           f"(cuda:0 to cuda:{n - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {device}: Apple's MPS is not available on this machine; use --device cpu")
+    return device
+
+
+# Working memory of a run, from the networks' widths. Measured as the rise of VmHWM over one forward
+# pass of this library's classes (fp32, CPU): the UNet holds its skip connections plus 10-29 tensors
+# as wide as its first level per batch row (SD 1.x at a 64x64 latent: 29; the tiny config at 64-128:
+# 10-23), the VAE decoder 3.3-4.5 tensors as wide as its full-resolution upsample per image (or
+# tile); the encoder (img2img, inpaint) is taken to hold as many at its first level's width, untiled.
+# The weights are not counted: they are already loaded when the check runs.
+UNET_WORKING_TENSORS = 24
+VAE_WORKING_TENSORS = 4
+
+
+def working_memory(unet_cfg, vae_cfg, height: int, width: int, num_images: int = 1, *, steps: int = 25,
+                   guidance: float = 7.5, dtype: torch.dtype = torch.float32,
+                   vae_dtype: torch.dtype = torch.float32, tile: bool | None = None,
+                   encode: bool = False) -> tuple[int, int]:
+    """About how many bytes generating num_images height x width images holds at its peak:
+    (on the device, on the host for the PIL conversion). On the CPU the two add up."""
+    from ldm.pipeline import AUTO_TILE_LATENT
+
+    f = vae_cfg.downsample_factor
+    B, P = num_images, height * width  # images, pixels per image
+    h, w = height // f, width // f
+    p = h * w  # latent pixels per image
+    size, vsize = torch.finfo(dtype).bits // 8, torch.finfo(vae_dtype).bits // 8
+    # kept all run long: the x0 prediction of every step (Result.x0_preds) and a few float32 latents
+    kept = (steps + 4) * B * 4 * p * 4
+    # the UNet, per batch row (two per image with classifier-free guidance)
+    mc, mults, n = unet_cfg.model_channels, unet_cfg.channel_mult, unet_cfg.num_res_blocks
+    skips = mc + sum(n * mc * m / 4**i + (mc * m / 4**(i + 1) if i < len(mults) - 1 else 0)
+                     for i, m in enumerate(mults))  # channels x (latent pixels) held for the way up
+    rows = 2 * B if guidance != 1.0 else B
+    unet = rows * p * (skips + UNET_WORKING_TENSORS * mc) * size
+    # the VAE: one image (or one tile) at a time, next to the float32 images decoded so far
+    tiled = tile or (tile is None and max(h, w) > AUTO_TILE_LATENT)
+    tile_pixels = min(P, (AUTO_TILE_LATENT * f) ** 2) if tiled else P
+    wide = vae_cfg.ch * vae_cfg.ch_mult[1 if len(vae_cfg.ch_mult) > 1 else 0]
+    vae = VAE_WORKING_TENSORS * wide * tile_pixels * vsize + 2 * 12 * B * P + (28 * P if tiled else 0)
+    if encode:
+        vae = max(vae, VAE_WORKING_TENSORS * vae_cfg.ch * vae_cfg.ch_mult[0] * P * vsize)
+    host = 42 * B * P  # images.to_pil: the float32 images, two float temporaries, uint8 array, PIL copy
+    return int(kept + max(unet, vae)), int(host)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on the device (CUDA), else of the host's RAM (None if this system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = None
+    try:
+        with open("/proc/meminfo") as f:  # Linux: what can be had without swapping
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # macOS has no SC_AVPHYS_PAGES: the total, then
+            try:
+                free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            except (AttributeError, ValueError, OSError):
+                return None
+    try:  # a container's cgroup limit (v2) can be far below the machine's RAM
+        limit, used = (Path("/sys/fs/cgroup", n).read_text().strip() for n in ("memory.max", "memory.current"))
+        if limit != "max":
+            free = min(free, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check_fits(pipe, height: int, width: int, num_images: int, size_arg: str, **kw) -> None:
+    """CLIError naming the limit if the run would not fit in the device's (and host's) free memory."""
+    device = pipe.device
+
+    def fits(h: int, w: int, n: int) -> bool:
+        dev, host = working_memory(pipe.unet.cfg, pipe.vae.cfg, h, w, n, dtype=pipe.dtype,
+                                   vae_dtype=pipe.vae_dtype, **kw)
+        if device.type == "cuda":
+            return dev <= free and (host_free is None or host <= host_free)
+        return dev + host <= free
+
+    free = available_memory(device)
+    host_free = available_memory(torch.device("cpu")) if device.type == "cuda" else None
+    if free is None or fits(height, width, num_images):
+        return
+    dev, host = working_memory(pipe.unet.cfg, pipe.vae.cfg, height, width, num_images, dtype=pipe.dtype,
+                               vae_dtype=pipe.vae_dtype, **kw)
+    if device.type != "cuda":
+        need, where = dev + host, f"this machine has {free / 2**30:.1f} GiB of RAM free"
+    elif dev > free:
+        need, where = dev, f"{device} has {free / 2**30:.1f} GiB free"
+    else:  # the GPU holds it but the host's RAM cannot take the PIL conversion
+        need, where = host, f"this machine has {host_free / 2**30:.1f} GiB of RAM free"
+    what = f"{num_images} images of {width}x{height} need" if num_images > 1 else f"an image of {width}x{height} needs"
+    what = f"{what} about {need / 2**30:.1f} GiB"
+    if num_images > 1 and fits(height, width, 1):
+        lo, hi = 1, num_images  # fits(lo), not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(height, width, mid) else (lo, mid)
+        raise CLIError(f"--num-images {num_images}: {what} and {where}; at most {lo} fit at this size")
+    m = pipe.vae.cfg.downsample_factor
+    lo, hi = 0, max(height, width) // m  # sides in units of m: fits(lo) (or lo = 0), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * m, mid * m, 1) else (lo, mid)
+    largest = f"the largest that fits is about {lo * m}x{lo * m}" if lo * m >= pipe.min_size \
+        else "not even the smallest image fits"
+    if size_arg.startswith("--image") and lo * m >= pipe.min_size:
+        largest += " (--size resizes the image)"
+    raise CLIError(f"{size_arg}: {what} and {where}; {largest}")
 
 
 def cmd_generate(args) -> None:
     import ldm
     from ldm import images
 
-    folder = _writable_folder(args.out)
+    folder = _writable_folder(args.out, f"--out {args.out}")
+    device = check_device(args.device)
     path = find_checkpoint(args.checkpoint)
+    image = mask = None
+    if args.command != "generate":  # read the images before loading the model: a bad file fails at once
+        image = _open_image(args.image, "--image")
+        if args.command == "inpaint":
+            mask = _open_image(args.mask, "--mask")
     dtype = DTYPES[args.dtype] if args.dtype else None
-    pipe = ldm.load(path, device=args.device, dtype=dtype)
+    pipe = ldm.load(path, device=device, dtype=dtype)
+    tile = {"auto": None, "on": True, "off": False}[args.tile]
     kw = dict(steps=args.steps, scheduler=args.scheduler, guidance=args.guidance, seed=args.seed,
-              negative_prompt=args.negative, num_images=args.num_images, progress=not args.quiet,
-              tile={"auto": None, "on": True, "off": False}[args.tile])
+              negative_prompt=args.negative, num_images=args.num_images, progress=not args.quiet, tile=tile)
+    if args.size:
+        (width, height), size_arg = args.size, f"--size {args.size[0]}x{args.size[1]}"
+    else:
+        (width, height), size_arg = image.size, f"--image {args.image} ({image.width}x{image.height})"
+    if args.num_images >= 1 and args.steps >= 1 and width > 0 and height > 0:  # else the pipeline's error below
+        check_fits(pipe, height, width, args.num_images, size_arg, steps=args.steps, guidance=args.guidance,
+                   tile=tile, encode=image is not None)
+    if not args.size:
+        width = height = None  # the pipeline keeps the image's size
     with warnings.catch_warnings(record=True) as caught:  # a truncated prompt: one line, not a traceback
         warnings.simplefilter("always")
         if args.command == "generate":
-            width, height = args.size
             result = pipe.generate(args.prompt, height=height, width=width, **kw)
+        elif args.command == "img2img":
+            result = pipe.img2img(args.prompt, image, strength=args.strength, height=height, width=width, **kw)
         else:
-            image = _open_image(args.image, "--image")
-            width, height = args.size if args.size else (None, None)
-            if args.command == "img2img":
-                result = pipe.img2img(args.prompt, image, strength=args.strength, height=height, width=width, **kw)
-            else:
-                mask = _open_image(args.mask, "--mask")
-                result = pipe.inpaint(args.prompt, image, mask, strength=args.strength, height=height,
-                                      width=width, **kw)
+            result = pipe.inpaint(args.prompt, image, mask, strength=args.strength, height=height,
+                                  width=width, **kw)
     for w in caught:
         print(f"ldm: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
     for img, seed, params in zip(result.images, result.seeds, result.parameters):
@@ -194,7 +368,7 @@ def cmd_download(args) -> None:
     except ImportError:
         raise CLIError("`ldm download` needs huggingface_hub: pip install 'ldm[download]' "
                        "(or download the file by hand: weights/README.md)") from None
-    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    _writable_folder(args.dir, f"--dir {args.dir}")
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=args.dir))  # same disk: the final move is a rename
     try:
         print(f"downloading {repo}/{filename} (about 4 GB) ...", file=sys.stderr)
@@ -225,7 +399,8 @@ def _add_generation_options(s, size_default):
                    help="WIDTHxHEIGHT in pixels" + ("" if size_default else " (default: the image's; resizes it)"))
     s.add_argument("--num-images", type=int, default=1, help="images per prompt")
     s.add_argument("--out", default="outputs", help="output folder (created; files never overwritten)")
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    s.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda, cuda:1 ..., mps (default: cuda if present)")
     s.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     s.add_argument("--tile", choices=("auto", "on", "off"), default="auto",
                    help="tiled VAE decode (auto: above 512x512)")
@@ -234,37 +409,47 @@ def _add_generation_options(s, size_default):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldm", description="A readable Stable Diffusion 1.x.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
+    p = ArgumentParser(prog="ldm", description="A readable Stable Diffusion 1.x.")
+    # -v and --debug go before or after the subcommand; SUPPRESS keeps a subcommand's absent flag
+    # from overwriting the one given before it
+    common = ArgumentParser(add_help=False)
+    for parser, default in ((p, False), (common, argparse.SUPPRESS)):
+        parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                            help="log what each stage does")
+        parser.add_argument("--debug", action="store_true", default=default,
+                            help="show the traceback of an unexpected error (or set LDM_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("generate", help="text to image")
+    def command(name: str, help: str):
+        return sub.add_parser(name, help=help, parents=[common])
+
+    s = command("generate", "text to image")
     _add_generation_options(s, (512, 512))
-    s = sub.add_parser("img2img", help="image to image")
+    s = command("img2img", "image to image")
     _add_generation_options(s, None)
     s.add_argument("--image", required=True, help="the starting image (PNG, JPEG, ...)")
     s.add_argument("--strength", type=float, default=0.75, help="0: keep the image ... 1: redraw it all")
-    s = sub.add_parser("inpaint", help="repaint the white part of a mask")
+    s = command("inpaint", "repaint the white part of a mask")
     _add_generation_options(s, None)
     s.add_argument("--image", required=True, help="the image to repaint")
     s.add_argument("--mask", required=True, help="same size as the image; white = repaint, black = keep")
     s.add_argument("--strength", type=float, default=1.0)
 
-    s = sub.add_parser("download", help="download an SD 1.x checkpoint into weights/ (needs huggingface_hub)")
+    s = command("download", "download an SD 1.x checkpoint into weights/ (needs huggingface_hub)")
     s.add_argument("name", nargs="?", choices=tuple(DOWNLOADS), default="sd-v1-5")
     s.add_argument("--dir", default="weights")
     s.set_defaults(func=cmd_download)
 
-    s = sub.add_parser("info", help="what a checkpoint holds")
+    s = command("info", "what a checkpoint holds")
     s.add_argument("checkpoint", help=".safetensors / .ckpt file or diffusers folder")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("encode", help="tokenize and encode a prompt; print the tensors")
+    s = command("encode", "tokenize and encode a prompt; print the tensors")
     s.add_argument("prompt")
     s.add_argument("--checkpoint", help="default: $LDM_CHECKPOINT, else the first one in weights/")
     s.set_defaults(func=cmd_encode)
 
-    s = sub.add_parser("random-checkpoint", help="write a random-weight SD 1.x checkpoint")
+    s = command("random-checkpoint", "write a random-weight SD 1.x checkpoint")
     s.add_argument("path", help="where to write it (.safetensors or .ckpt); never overwritten")
     s.add_argument("--size", choices=("tiny", "full"), default="tiny")
     s.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
@@ -274,19 +459,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(e: BaseException) -> str:
+    """The `ldm: error: ...` line for an exception: ours and the library's whole (they are written
+    as one sentence), anything else its type and first line, with how to see more."""
+    if isinstance(e, (CLIError, ValueError, OSError, FloatingPointError)):  # CheckpointError is a
+        return f"ldm: error: {' '.join(str(e).split())}"  # ValueError; NonFiniteError a FloatingPointError
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in first:
+        return (f"ldm: error: out of memory ({first or type(e).__name__}); "
+                f"try a smaller --size, fewer --num-images or --tile on")
+    return (f"ldm: error: {type(e).__name__}: {first or 'no message'} "
+            f"(`ldm --debug ...` or LDM_DEBUG=1 shows the traceback)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the `ldm` command; returns its exit status (0 ok, 1 failure, 2 bad usage, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed on one line
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
+    debug = args.debug or os.environ.get("LDM_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except (CLIError, ValueError, OSError, FloatingPointError) as e:  # CheckpointError is a ValueError;
-        # NonFiniteError (NaN/inf images) a FloatingPointError
-        print(f"ldm: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
-        return 1
     except KeyboardInterrupt:
+        if debug:
+            raise
         print("ldm: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(one_line(e), file=sys.stderr)
+        return 1
     return 0
 
 

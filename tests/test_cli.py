@@ -1,5 +1,8 @@
 """The `ldm` command: what a user types, what they see, and that failures are one line."""
 import hashlib
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,14 @@ def run(capsys, *argv):
     rc = cli.main(list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def assert_one_line(err: str, *needles: str):
+    """stderr is exactly one non-empty line, without a traceback, and names each needle."""
+    assert err.endswith("\n") and err.count("\n") == 1 and err.strip(), repr(err)
+    assert "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
 
 
 def test_random_checkpoint_then_info_then_encode(in_tmp, capsys):
@@ -71,17 +82,106 @@ def test_bad_checkpoint_is_one_line(in_tmp, capsys, content, expected):
     assert rc == 1 and expected in err and err.count("\n") == 1
 
 
-def test_bad_choice_is_a_usage_error(in_tmp, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["random-checkpoint", "x.safetensors", "--size", "huge"])
-    assert e.value.code == 2
-    assert "invalid choice: 'huge'" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, expected", [
+    (("random-checkpoint", "x.safetensors", "--size", "huge"), "invalid choice: 'huge'"),
+    (("generate", "a dog", "--steps", "abc"), "argument --steps: invalid int value: 'abc'"),
+    (("generate", "a dog", "--guidance", "lots"), "argument --guidance: invalid float value: 'lots'"),
+    (("generate", "a dog", "--size", "big"), "size 'big' must look like WIDTHxHEIGHT"),
+    (("generate", "a dog", "--size", "1x2x3"), "size '1x2x3' must look like WIDTHxHEIGHT"),
+    (("generate", "a dog", "--device", "bogus"), "device 'bogus' is not one of cpu, cuda, cuda:N"),
+    (("generate", "a dog", "--device", "cuda:x"), "device 'cuda:x' is not one of"),
+    (("generate", "a dog", "--device", "meta"), "device 'meta' is not one of"),
+    (("generate",), "the following arguments are required: prompt"),
+    (("generate", "a dog", "--no-such-option"), "unrecognized arguments: --no-such-option"),
+    (("img2img", "a dog"), "the following arguments are required: --image"),
+    (("download", "sd-v9"), "invalid choice: 'sd-v9'"),
+    ((), "the following arguments are required: command"),
+])
+def test_usage_errors_are_one_line_with_status_2(in_tmp, capsys, argv, expected):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and out == ""
+    assert_one_line(err, expected, "--help")
+
+
+def test_usage_error_in_a_real_process_is_one_line():
+    """What the shell sees: argparse's own usage dump would be several lines before the error."""
+    p = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "a dog", "--steps", "abc"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert_one_line(p.stderr, "ldm generate: error: argument --steps: invalid int value: 'abc'")
+
+
+def test_help_still_works(capsys):
+    rc, out, err = run(capsys, "generate", "--help")
+    assert rc == 0 and "--num-images" in out and "--device" in out and err == ""
+
+
+@pytest.mark.parametrize("exc, rc_expected, expected", [
+    (RuntimeError("something broke\n  with details on a second line"), 1,
+     "ldm: error: RuntimeError: something broke (`ldm --debug ...` or LDM_DEBUG=1 shows the traceback)"),
+    (KeyError("unet.weight"), 1, "KeyError: 'unet.weight'"),
+    (MemoryError(), 1, "out of memory (MemoryError); try a smaller --size"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"), 1,
+     "out of memory (DefaultCPUAllocator: can't allocate memory"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB\nmore"), 1,
+     "out of memory (CUDA out of memory. Tried to allocate 20 GiB)"),
+    (ValueError("strength=2 is\n outside [0, 1]"), 1, "ldm: error: strength=2 is outside [0, 1]"),
+    (KeyboardInterrupt(), 130, "ldm: interrupted"),
+])
+def test_any_failure_is_one_line_and_debug_shows_the_traceback(in_tmp, capsys, monkeypatch, exc, rc_expected,
+                                                               expected):
+    def failing(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_info", failing)
+    rc, out, err = run(capsys, "info", "x.safetensors")
+    assert rc == rc_expected and out == ""
+    assert_one_line(err, expected)
+    assert "second line" not in err and "more" not in err
+    with pytest.raises(type(exc)):  # --debug after the subcommand, or before it
+        cli.main(["info", "x.safetensors", "--debug"])
+    with pytest.raises(type(exc)):
+        cli.main(["--debug", "info", "x.safetensors"])
+    monkeypatch.setenv("LDM_DEBUG", "1")
+    with pytest.raises(type(exc)):
+        cli.main(["info", "x.safetensors"])
+
+
+def test_unwritable_places_are_one_line_and_the_file_in_the_way_is_kept(in_tmp, capsys):
+    (in_tmp / "afile").write_text("the user's file")
+    rc, _, err = run(capsys, "random-checkpoint", "afile/x.safetensors")
+    assert rc == 1
+    assert_one_line(err, "afile/x.safetensors: its folder afile: cannot write there", "a file is in the way")
+    rc, _, err = run(capsys, "download", "--dir", "afile/sub")
+    assert rc == 1
+    assert_one_line(err, "--dir afile/sub: cannot write there", "a file is in the way")
+    assert (in_tmp / "afile").read_text() == "the user's file"
+
+
+def test_a_folder_or_a_missing_file_as_checkpoint_is_one_line(in_tmp, capsys):
+    (in_tmp / "adir").mkdir()
+    rc, _, err = run(capsys, "info", "adir")
+    assert rc == 1
+    assert_one_line(err, "adir: a directory without model_index.json")
+    rc, _, err = run(capsys, "encode", "a dog", "--checkpoint", "missing.safetensors")
+    assert rc == 1
+    assert_one_line(err, "missing.safetensors: no such file or directory")
 
 
 # ---- generation verbs ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    """One random tiny checkpoint for the module, written as `ldm random-checkpoint` writes it."""
+    path = tmp_path_factory.mktemp("tiny") / "random-tiny.safetensors"
+    assert cli.main(["random-checkpoint", str(path)]) == 0
+    return path
+
+
 @pytest.fixture
-def with_tiny(in_tmp, capsys):
-    run(capsys, "random-checkpoint", "weights/random-tiny.safetensors")
+def with_tiny(in_tmp, tiny_file, capsys):
+    (in_tmp / "weights").mkdir()
+    shutil.copy(tiny_file, in_tmp / "weights" / "random-tiny.safetensors")
+    capsys.readouterr()
     return in_tmp
 
 
@@ -130,10 +230,120 @@ def test_img2img_and_inpaint_verbs(with_tiny, capsys):
     (("generate", "a dog", "--guidance", "nan"), "guidance=nan"),
     (("img2img", "a dog", "--image", "missing.png"), "--image missing.png: cannot read it as an image"),
     (("img2img", "a dog", "--image", "weights/random-tiny.safetensors"), "cannot read it as an image"),
+    (("img2img", "a dog", "--image", "weights"), "--image weights: cannot read it as an image"),
+    (("img2img", "a dog", "--image", "in.png", "--strength", "2"), "strength=2.0 is outside [0, 1]"),
+    (("img2img", "a dog", "--image", "in.png", "--strength", "nan"), "strength=nan is outside [0, 1]"),
+    (("img2img", "a dog", "--image", "deep.png"), "image has mode 'I;16'"),
+    (("inpaint", "a dog", "--image", "in.png", "--mask", "small.png"), "mask is 32x32 pixels but the image is 64x64"),
+    (("inpaint", "a dog", "--image", "in.png", "--mask", "in.png", "--strength", "-1"), "strength=-1.0 is outside"),
+    (("generate", "a dog", "--steps", "-3"), "steps=-3 is not allowed"),
+    (("generate", "a dog", "--steps", "100000"), "steps=100000 is not allowed"),
+    (("generate", "a dog", "--num-images", "0"), "num_images=0 must be an integer >= 1"),
+    (("generate", "a dog", "--seed", "-1"), "seed=-1 must be a non-negative int"),
+    (("generate", "a dog", "--seed", str(2**70)), f"seed={2**70} must be a non-negative int"),
+    (("generate", "a dog", "--size", "0x0"), "height=0 must be a multiple of 8"),
+    (("generate", "a dog", "--size=-64x64"), "width=-64 must be a multiple of 8"),
 ])
 def test_bad_generation_input_is_one_line(with_tiny, capsys, argv, expected):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save("in.png")
+    Image.new("L", (32, 32)).save("small.png")
+    Image.new("I;16", (64, 64)).save("deep.png")
     rc, out, err = run(capsys, *argv, "-q")
-    assert rc == 1 and out == "" and err.count("\n") == 1 and expected in err, err
+    assert rc == 1 and out == ""
+    assert_one_line(err, expected)
+    assert not (with_tiny / "outputs").exists() or not any((with_tiny / "outputs").iterdir())
+
+
+def test_an_image_over_pils_pixel_limit_is_one_line(with_tiny, capsys, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save("in.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2 x the limit: PIL refuses it
+    rc, _, err = run(capsys, "img2img", "a dog", "--image", "in.png", "-q")
+    assert rc == 1
+    assert_one_line(err, "--image in.png:", "exceeds limit")
+
+
+def test_cuda_or_mps_that_is_not_there_is_one_line_before_loading(with_tiny, capsys, monkeypatch):
+    import ldm
+
+    def no_load(*a, **k):
+        raise AssertionError("the device must be checked before the model is loaded")
+
+    monkeypatch.setattr(ldm, "load", no_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, out, err = run(capsys, "generate", "a dog", "--device", "cuda", "-q")
+    assert rc == 1 and out == ""
+    assert_one_line(err, "--device cuda: CUDA is not available", "--device cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    rc, _, err = run(capsys, "generate", "a dog", "--device", "cuda:5", "-q")
+    assert rc == 1
+    assert_one_line(err, "--device cuda:5: this machine has 2 CUDA devices (cuda:0 to cuda:1)")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    rc, _, err = run(capsys, "generate", "a dog", "--device", "mps", "-q")
+    assert rc == 1
+    assert_one_line(err, "--device mps: Apple's MPS is not available")
+
+
+def _memory_of(h, w, n, **kw):
+    """working_memory of the tiny checkpoint's networks at the CLI's defaults, host and device together."""
+    from ldm import checkpoint, weights
+
+    cfgs = weights.configs_for(checkpoint.read("weights/random-tiny.safetensors"))
+    return sum(cli.working_memory(cfgs["unet"], cfgs["vae"], h, w, n, **kw))
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (("--size", "100000x100000"), "--size 100000x100000: an image of 100000x100000 needs about"),
+    (("--num-images", "100000", "--size", "64x64"), "--num-images 100000: 100000 images of 64x64 need about"),
+])
+def test_more_than_the_machine_holds_is_refused_with_the_limit(with_tiny, capsys, monkeypatch, argv, expected):
+    import re
+
+    gib = 2**30
+    monkeypatch.setattr(cli, "available_memory", lambda device: 2 * gib)
+    rc, out, err = run(capsys, "generate", "a dog", *argv, "-q")
+    assert rc == 1 and out == ""
+    assert_one_line(err, expected, "GiB and this machine has 2.0 GiB of RAM free")
+    assert not (with_tiny / "outputs").exists() or not any((with_tiny / "outputs").iterdir())
+    if "--size" == argv[0]:  # the stated limit is the estimate's: it fits, 8 pixels more does not
+        side = int(re.search(r"the largest that fits is about (\d+)x\1$", err.strip()).group(1))
+        assert _memory_of(side, side, 1) <= 2 * gib < _memory_of(side + 8, side + 8, 1)
+        assert float(re.search(r"needs about ([\d.]+) GiB", err).group(1)) == pytest.approx(
+            _memory_of(100000, 100000, 1) / gib, abs=0.06)
+    else:
+        most = int(re.search(r"at most (\d+) fit at this size$", err.strip()).group(1))
+        assert _memory_of(64, 64, most) <= 2 * gib < _memory_of(64, 64, most + 1)
+
+
+def test_img2img_of_an_image_too_big_for_memory_names_the_image(with_tiny, capsys, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (512, 512)).save("big.png")
+    monkeypatch.setattr(cli, "available_memory", lambda device: 2**20)  # 1 MiB
+    rc, _, err = run(capsys, "img2img", "a dog", "--image", "big.png", "-q")
+    assert rc == 1
+    assert_one_line(err, "--image big.png (512x512): an image of 512x512 needs about", "0.0 GiB of RAM free")
+
+
+def test_the_memory_estimate_lets_sd_run_where_it_runs():
+    """Full SD 1.x at 512x512 with guidance runs in well under 8 GB; the estimate must not refuse it,
+    and must grow with what is asked (more images, more pixels, guidance doubles the UNet batch)."""
+    from ldm.unet import UNetConfig
+    from ldm.vae import VAEConfig
+
+    def gib(*a, **k):
+        return sum(cli.working_memory(UNetConfig(), VAEConfig(), *a, **k)) / 2**30
+
+    one = gib(512, 512, 1)
+    assert 0.3 < one < 3, one
+    assert gib(512, 512, 4) < 8
+    assert gib(512, 512, 2) > one and gib(1024, 1024, 1) > one
+    assert gib(2048, 2048, 1, guidance=1.0) < gib(2048, 2048, 1)  # the UNet's batch, not the tiled VAE, rules here
+    assert gib(100000, 100000, 1) > 1000  # what the issue typed: no machine holds it
 
 
 def test_unwritable_output_folder_fails_before_sampling(with_tiny, capsys):
