@@ -17,19 +17,17 @@ never imports or calls anything the file names, and refuses a pickle that tries 
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
-import mmap
-import pickle
 import struct
-import zipfile
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ldm import unpickle
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +64,9 @@ INNER_RENAMES = {
 }
 
 
+MAX_LEVELS, MAX_LAYERS = 8, 16                   # SD 1.x: 4 levels, 2 layers per block
+
+
 @dataclass(frozen=True)
 class KeyMapConfig:
     """The block structure the key map depends on; defaults are SD 1.x."""
@@ -82,7 +83,23 @@ class KeyMapConfig:
 
     @classmethod
     def from_diffusers(cls, unet_config: dict, vae_config: dict) -> KeyMapConfig:
-        """Build it from the config.json of a diffusers unet/ and vae/."""
+        """Build it from the config.json of a diffusers unet/ and vae/ (each checked: a block-type
+        list of at most MAX_LEVELS strings, layers_per_block an integer in 1..MAX_LAYERS)."""
+        for name, config, keys in (("unet", unet_config, ("down_block_types", "up_block_types")),
+                                   ("vae", vae_config, ("block_out_channels",))):
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{name} config: a {type(config).__name__}, not a JSON object")
+            for key in keys:
+                v = config.get(key)
+                if not (isinstance(v, (list, tuple)) and 1 <= len(v) <= MAX_LEVELS
+                        and all(isinstance(x, (str if key.endswith("types") else int)) for x in v)):
+                    raise CheckpointError(f"{name} config: {key}={str(v)[:80]}; allowed: a list of 1 to "
+                                          f"{MAX_LEVELS} {'strings' if key.endswith('types') else 'integers'}")
+            layers = config.get("layers_per_block", 2)
+            for n in (layers if isinstance(layers, (list, tuple)) and len(layers) <= MAX_LEVELS else [layers]):
+                if not (type(n) is int and 1 <= n <= MAX_LAYERS):
+                    raise CheckpointError(f"{name} config: layers_per_block={str(layers)[:80]}; allowed: "
+                                          f"an integer from 1 to {MAX_LAYERS}")
         down, up = list(unet_config["down_block_types"]), list(unet_config["up_block_types"])
         attention = tuple(i for i, t in enumerate(down) if "CrossAttn" in t)
         if [("CrossAttn" in t) for t in reversed(up)] != [("CrossAttn" in t) for t in down]:
@@ -174,10 +191,12 @@ def diffusers_to_compvis(stage: str, state_dict: dict[str, Tensor], table: dict 
     table = DIFFUSERS_TO_COMPVIS if table is None else table
     if stage not in table:
         raise ValueError(f"stage={stage!r}; allowed: {list(table)}")
-    rows = sorted(table[stage], key=lambda row: -len(row[0]))       # the longest prefix wins
+    rows = {r[0]: r for r in table[stage]}
     out, unmatched = {}, []
     for key, t in state_dict.items():
-        row = next((r for r in rows if r[0] == "" or key.startswith(r[0] + ".")), None)
+        parts = key.split(".")                         # the longest prefix with a row wins
+        row = next((rows[p] for p in (".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)) if p in rows),
+                   None)
         if row is None:
             unmatched.append(key)
             continue
@@ -198,138 +217,26 @@ def diffusers_to_compvis(stage: str, state_dict: dict[str, Tensor], table: dict 
     return out
 
 
-# 2. Pickled checkpoints (.ckpt/.pt/.bin): torch's zip format read by a restricted unpickler
-# torch.save writes a zip: <root>/data.pkl (the pickle) and <root>/data/<key> (raw storages).
-# Tensors are pickled as calls to torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
-# ...), storages as persistent ids ("storage", torch.HalfStorage, key, location, numel).
-# Our unpickler resolves every global the file names to a value of OUR choosing: the small set of
-# rebuild functions below (our own code, not torch's), containers and plain data, or otherwise
-# an inert StandIn class. It never imports a module the file names. A StandIn may be built the
-# way pickle builds an ordinary object (cls.__new__ then __setstate__, which only stores data),
-# but calling one - os.system(...), eval(...), SomeClass(args) - raises UnsafeCheckpointError.
-
-class _Refused(Exception):
-    pass
-
-
-class _StandInMeta(type):
-    def __call__(cls, *args, **kwargs):                 # REDUCE/INST call the global: refuse
-        shown = ", ".join(repr(a)[:60] for a in args)
-        raise _Refused(f"{cls.__module__}.{cls.__qualname__}({shown})")
-
-
-class StandIn(metaclass=_StandInMeta):
-    """Inert placeholder for an object of a class a pickle names (e.g. a Lightning callback)."""
-
-    def __new__(cls, *args, **kwargs):
-        self = object.__new__(cls)
-        self.args, self.state, self.items = args, None, []
-        return self
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __setitem__(self, key, value):                 # a dict subclass's items (SETITEMS)
-        self.items.append((key, value))
-
-    def __repr__(self):
-        return f"<StandIn for {type(self).__module__}.{type(self).__qualname__}>"
-
-
-@dataclass(frozen=True)
-class _StorageType:
-    dtype: torch.dtype                                 # torch.HalfStorage in a pickle -> float16
-
-
-_STORAGES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-             "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-             "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-             "BoolStorage": torch.bool, "UntypedStorage": torch.uint8}
-_DTYPES = {name: v for name, v in vars(torch).items() if isinstance(v, torch.dtype)}   # vars(): no lazy imports
-
-
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    return storage.as_strided(size, stride, offset)    # storage: a 1-D tensor over the file's bytes
-
-
-def _latin1(text: str, encoding: str = "latin1") -> bytes:   # protocol 2 pickles bytes as _codecs.encode
-    if encoding not in ("latin1", "latin-1"):
-        raise _Refused(f"_codecs.encode(..., {encoding!r})")
-    return text.encode("latin1")
-
-
-_SAFE_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): lambda data, requires_grad=False, hooks=None: data,
-    ("torch._utils", "_rebuild_parameter_with_state"): lambda data, requires_grad, hooks, state: data,
-    ("torch", "Size"): torch.Size, ("torch", "device"): torch.device,
-    ("collections", "OrderedDict"): OrderedDict, ("_codecs", "encode"): _latin1,
-    **{("builtins", b.__name__): b for b in (set, frozenset, bytes, bytearray, complex, slice)},
-    **{("pathlib", n): PurePosixPath for n in ("PosixPath", "PurePosixPath")},
-    **{("pathlib", n): PureWindowsPath for n in ("WindowsPath", "PureWindowsPath")},
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, load_storage):
-        super().__init__(file)
-        self.load_storage, self.stand_ins = load_storage, set()
-
-    def find_class(self, module, name):
-        if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[(module, name)]
-        if module in ("torch", "torch.storage") and name in _STORAGES:
-            return _StorageType(_STORAGES[name])       # a marker, not callable
-        if module == "torch" and name in _DTYPES:
-            return _DTYPES[name]                       # torch.float16 etc.: values, not callable
-        self.stand_ins.add(f"{module}.{name}")
-        return _StandInMeta(name, (StandIn,), {"__module__": module, "__qualname__": name})
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
-        return self.load_storage(str(pid[2]), pid[1].dtype, int(pid[4]))
+# 2. Pickled checkpoints (.ckpt/.pt/.bin) are read by ldm.unpickle's restricted unpickler: it
+# never imports or calls what the file names, lets BUILD touch only inert stand-ins, and bounds
+# every size by the file's real content. Its Corrupt / Refused become the errors below.
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (torch's messages span several)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def _read_torch_zip(path: Path) -> object:
-    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-        pkl = next((n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
-        if pkl is None:
-            raise CheckpointError(f"{path}: a zip archive without data.pkl, not a torch checkpoint")
-        root = pkl[: -len("data.pkl")]
-        if f"{root}byteorder" in zf.namelist() and zf.read(f"{root}byteorder") != b"little":
-            raise CheckpointError(f"{path}: a big-endian torch checkpoint; only little-endian is supported")
-        # Copy-on-write map: tensors are views of the file; pages are read when first touched.
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        storages: dict[str, Tensor] = {}
-
-        def load_storage(key: str, dtype: torch.dtype, numel: int) -> Tensor:
-            if key not in storages:
-                info = zf.getinfo(f"{root}data/{key}")
-                nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-                if numel < 0 or nbytes > info.file_size:
-                    raise CheckpointError(f"{path}: storage {key} holds {info.file_size} bytes, the pickle wants {nbytes}")
-                if numel == 0:
-                    storages[key] = torch.empty(0, dtype=dtype)
-                elif info.compress_type == zipfile.ZIP_STORED:   # torch stores records uncompressed
-                    name_len, extra_len = struct.unpack("<26xHH", mm[info.header_offset: info.header_offset + 30])
-                    start = info.header_offset + 30 + name_len + extra_len
-                    if start + nbytes > len(mm):
-                        raise CheckpointError(f"{path}: storage {key} runs past the end of the file (truncated?)")
-                    storages[key] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=start)
-                else:
-                    storages[key] = torch.frombuffer(bytearray(zf.read(info)), dtype=dtype, count=numel)
-            return storages[key]
-
-        unpickler = _RestrictedUnpickler(io.BytesIO(zf.read(pkl)), load_storage)
-        try:
-            obj = unpickler.load()
-        except _Refused as e:
-            raise UnsafeCheckpointError(
-                f"{path}: unsafe pickle: it calls {e}. A checkpoint should hold only tensors and plain data; "
-                "nothing was imported or executed, and the file was refused. Prefer a .safetensors file.") from None
-    if unpickler.stand_ins:
-        log.info("%s: inert stand-ins replace classes the pickle names: %s", path, sorted(unpickler.stand_ins))
+    try:
+        obj, stand_ins = unpickle.read_torch_zip(path)
+    except unpickle.Refused as e:
+        raise UnsafeCheckpointError(
+            f"{path}: unsafe pickle: {e}. A checkpoint should hold only tensors and plain data; "
+            "nothing was imported or executed, and the file was refused. Prefer a .safetensors file.") from None
+    except unpickle.Corrupt as e:
+        raise CheckpointError(f"{path}: truncated or corrupt torch zip archive: {e}") from e
+    if stand_ins:
+        log.info("%s: inert stand-ins replace classes the pickle names: %s", path, stand_ins)
     return obj
 
 
@@ -359,17 +266,32 @@ def _read_file(path: Path) -> tuple[dict, str]:
         raise
     except Exception as e:                             # zipfile, safetensors, unpickling, as_strided ...
         kind = "torch zip archive" if head[:4] == b"PK\x03\x04" else "safetensors file"
-        raise CheckpointError(f"{path}: truncated or corrupt {kind} ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: truncated or corrupt {kind} ({_one_line(e)})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint: the file holds a {type(obj).__name__}, not a dict")
     return obj, fmt
 
 
+MAX_HEADER_BYTES = 100 * 2**20                      # safetensors' own limit on the JSON header
+
+
 def safetensors_metadata(path: Path) -> dict[str, str]:
     """The free-form string map in a safetensors header (ldm.weights keeps configs there)."""
+    path = Path(path)
     with open(path, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    return dict(header.get("__metadata__") or {})
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):   # checked before reading n bytes
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header length {n})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:         # UnicodeDecodeError, JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors header ({_one_line(e)})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not (meta is None or isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
+    return dict(meta or {})
 
 
 # 4. Family detection and the split into stages
@@ -408,6 +330,12 @@ def _unet_family(where, unet: dict[str, Tensor], text_encoder: dict[str, Tensor]
     conv_in = unet.get("input_blocks.0.0.weight")
     if conv_in is None:
         raise CheckpointError(f"{where}: the UNet has no input_blocks.0.0.weight; not an SD 1.x UNet. {SUPPORTED}.")
+    for key, sd, ndim in (("input_blocks.0.0.weight", unet, 4),
+                          ("text_model.embeddings.token_embedding.weight", text_encoder, 2),
+                          *((k, unet, 2) for k in unet if k.endswith("attn2.to_k.weight"))):
+        if key in sd and sd[key].ndim != ndim:      # detection below reads shape[1] of each
+            raise CheckpointError(f"{where}: {key} is a {sd[key].ndim}-D tensor of shape {tuple(sd[key].shape)}; "
+                                  f"an SD 1.x checkpoint has a {ndim}-D tensor there")
     if any(k.endswith("proj_in.weight") and t.ndim == 2 for k, t in unet.items()):
         raise _unsupported(where, "an SD 2.x checkpoint (linear proj_in in the UNet's transformers)")
     to_k = next((t for k, t in unet.items() if k.endswith("attn2.to_k.weight")), None)
@@ -471,10 +399,45 @@ _WEIGHT_FILES = [f"{name}{variant}{ext}" for variant in ("", ".fp16") for name i
                  ("diffusion_pytorch_model", "model", "pytorch_model") for ext in (".safetensors", ".bin")]
 
 
+def _read_json(path: Path) -> dict:
+    """A diffusers config file: a JSON object, or a CheckpointError naming the file."""
+    try:
+        if path.stat().st_size > 2**20:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes; a diffusers config is a few KB")
+        obj = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:         # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _count_blocks(sd: dict[str, Tensor], prefix: str) -> int:
+    """How many numbered children `prefix.<i>.` the keys name (down_blocks.0, down_blocks.1, ...)."""
+    return len({k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)})
+
+
+def _check_against_tensors(path: Path, configs: dict, stages: dict) -> None:
+    """The configs' block counts must be those of the tensors, before a key map is built from them."""
+    unet, vae = configs["unet"], configs["vae"]
+    layers = unet.get("layers_per_block", 2)
+    checks = [("unet", "down_block_types", len(unet["down_block_types"]), _count_blocks(stages["unet"], "down_blocks.")),
+              ("unet", "layers_per_block", layers[0] if isinstance(layers, (list, tuple)) else layers,
+               _count_blocks(stages["unet"], "down_blocks.0.resnets.")),
+              ("vae", "block_out_channels", len(vae["block_out_channels"]),
+               _count_blocks(stages["vae"], "encoder.down_blocks.")),
+              ("vae", "layers_per_block", vae.get("layers_per_block", 2),
+               _count_blocks(stages["vae"], "encoder.down_blocks.0.resnets."))]
+    for stage, key, said, found in checks:
+        if said != found:
+            raise CheckpointError(f"{path / stage / 'config.json'}: {key} says {said} blocks but the weights "
+                                  f"hold {found}")
+
+
 def _read_diffusers_folder(path: Path) -> tuple[dict[str, dict[str, Tensor]], Counter]:
     if not (path / "model_index.json").is_file():
         raise CheckpointError(f"{path}: a directory without model_index.json, not a diffusers folder. {SUPPORTED}.")
-    index = json.loads((path / "model_index.json").read_text())
+    index = _read_json(path / "model_index.json")
     if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
         raise _unsupported(path, f"an SDXL diffusers folder ({index.get('_class_name')})")
     configs, stages, ignored = {}, {}, Counter()
@@ -488,9 +451,17 @@ def _read_diffusers_folder(path: Path) -> tuple[dict[str, dict[str, Tensor]], Co
             config = folder / "config.json"
             if not config.is_file():
                 raise CheckpointError(f"{config}: missing; the key map is built from it")
-            configs[stage] = json.loads(config.read_text())
-    table = key_map(KeyMapConfig.from_diffusers(configs["unet"], configs["vae"]))
-    stages = {s: diffusers_to_compvis(s, sd, table) for s, sd in stages.items()}
+            configs[stage] = _read_json(config)
+    try:
+        keymap_config = KeyMapConfig.from_diffusers(configs["unet"], configs["vae"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    _check_against_tensors(path, configs, stages)
+    table = key_map(keymap_config)
+    try:
+        stages = {s: diffusers_to_compvis(s, sd, table) for s, sd in stages.items()}
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     stages["text_encoder"] = _text_encoder_keys(stages["text_encoder"], ignored)
     return stages, ignored
 
@@ -528,9 +499,12 @@ def from_state_dict(state_dict: dict, *, path: str | Path | None = None, format:
                     ema: bool = False) -> Checkpoint:
     """A CompVis-layout state dict (the top level of a single file) -> Checkpoint."""
     where = path if path is not None else "state dict"
-    raw = state_dict
+    raw, seen = state_dict, set()
     while isinstance(raw.get("state_dict"), dict):     # Lightning: {"state_dict": {...}, "callbacks": ...}
+        seen.add(id(raw))
         raw = raw["state_dict"]
+        if id(raw) in seen:                            # d["state_dict"] = d: a pickle can make a cycle
+            raise CheckpointError(f"{where}: corrupt checkpoint: its state_dict contains itself")
     _detect_other(where, raw)
     stages, ignored = _split(where, raw, ema)
     family = _unet_family(where, stages["unet"], stages["text_encoder"])
@@ -556,24 +530,34 @@ def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = Fals
     if ck.format == "safetensors":
         ck.metadata = safetensors_metadata(path)
     if dtype is not None:
-        for sd in ck.stages().values():
-            sd.update({k: t.to(dtype) for k, t in sd.items() if t.is_floating_point()})
+        try:
+            for sd in ck.stages().values():
+                sd.update({k: t.to(dtype) for k, t in sd.items() if t.is_floating_point()})
+        except (RuntimeError, MemoryError) as e:
+            raise CheckpointError(f"{path}: cannot cast the tensors to {dtype} ({_one_line(e)})") from None
     log.info("%s: %s %s checkpoint, %s; ignored %s", path, ck.format, ck.family, ck.dtype, ck.ignored)
     return ck
 
 
 def load_stage(module: torch.nn.Module, state_dict: dict[str, Tensor], stage: str = "unet",
-               family: str = "sd1", *, assign: bool = False, max_listed: int = 10):
-    """module.load_state_dict(state_dict, strict=True), with an error that lists what did not fit."""
+               family: str = "sd1", *, assign: bool = False, max_listed: int = 10, path=None):
+    """module.load_state_dict(state_dict, strict=True), with a one-line error that names the
+    file (`path`, when given) and lists what did not fit."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}; allowed: {list(STAGES)}")
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+    where = f"{path}: " if path is not None else ""
+    what = f"{where}{stage} of a {family} checkpoint does not fit {type(module).__name__}"
+    expected = module.state_dict()
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
+    listed = lambda items: f"{len(items)} {items[:max_listed]}" + (f" and {len(items) - max_listed} more" if len(items) > max_listed else "")
     if missing or unexpected:
-        listed = lambda keys: f"{len(keys)} {keys[:max_listed]}" + (f" and {len(keys) - max_listed} more" if len(keys) > max_listed else "")
-        raise CheckpointError(f"{stage} of a {family} checkpoint does not fit {type(module).__name__}: "
-                              f"missing keys {listed(missing)}; unexpected keys {listed(unexpected)}")
+        raise CheckpointError(f"{what}: missing keys {listed(missing)}; unexpected keys {listed(unexpected)}")
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} in the file, {tuple(t.shape)} in the model"
+             for k, t in expected.items() if state_dict[k].shape != t.shape]
+    if wrong:
+        shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        raise CheckpointError(f"{what}: size mismatch for {len(wrong)} tensors: {shown}")
     try:
         return module.load_state_dict(state_dict, strict=True, assign=assign)
-    except RuntimeError as e:                          # e.g. a shape mismatch
-        raise CheckpointError(f"{stage} of a {family} checkpoint does not fit {type(module).__name__}: {e}") from e
+    except RuntimeError as e:                          # e.g. a tensor that is not a tensor
+        raise CheckpointError(f"{what}: {_one_line(e)}") from e

@@ -8,7 +8,9 @@ the tiny config's weights (keys prefixed "weights."), its inputs ("inputs.") and
 reference implementation's outputs ("outputs."), computed with diffusers / transformers.
 This script writes them to tests/reference/<stage>_tiny.safetensors with the seed and the
 library versions in the file's metadata, so the tests can compare against them without
-diffusers or transformers installed.
+diffusers or transformers installed. The metadata also records the CPU kernels and thread count
+that computed the outputs: another CPU differs from them by a few fp32 ulps, which is why the
+tests compare stored outputs at the fp32 noise floor and never bit-exactly.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ SEED = 0
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": str(torch.get_num_threads())}
     for name in ("diffusers", "transformers", "numpy"):
         try:
             out[name] = importlib.import_module(name).__version__
