@@ -1,14 +1,18 @@
 """The `ldm` command: generate images, inspect a checkpoint, encode a prompt, get weights.
 
-    ldm generate "a dog wearing a hat"         text to image, PNGs in --out (default outputs/)
+    ldm generate "a red circle above a blue square"   text to image, PNGs in --out (default outputs/)
            [--checkpoint PATH] [--steps 25] [--scheduler euler] [--seed N] [--guidance 7.5]
-           [--negative TEXT] [--size 512x512] [--num-images 1] [--out DIR] [--device D] [--dtype T]
+           [--negative TEXT] [--size WxH] [--num-images 1] [--out DIR] [--device D] [--dtype T]
+           (no --checkpoint: $LDM_CHECKPOINT, else a real one in weights/, else the shapes model
+           ldm ships, which it names; --size defaults to the model's own: 512x512 SD, 64x64 shapes)
     ldm img2img "a dog" --image IN.png [--strength 0.75] [same options]
     ldm inpaint "a cat" --image IN.png --mask MASK.png [--strength 1.0] [same options]
     ldm download [sd-v1-5|sd-v1-5-inpainting|sd-v1-4] [--dir weights]   (pip install 'ldm[download]')
     ldm info CHECKPOINT                        family, format, dtype, tensors and bytes per stage
     ldm encode "a dog wearing a hat"           tokenize + CLIP-encode, print the ids and the context
-           [--checkpoint PATH]                 (default: $LDM_CHECKPOINT, else the first one in weights/)
+           [--checkpoint PATH]                 (default: as for generate)
+    ldm train [--out runs/shapes] [--resume] [--stage vae|unet|all] [--set KEY=VALUE ...]
+                                               train the shipped shapes model (ldm/train.py)
     ldm random-checkpoint PATH                 SD 1.x single-file layout, random weights
            [--size tiny|full] [--dtype fp32|fp16] [--seed N] [--inpainting]
 
@@ -35,12 +39,6 @@ from pathlib import Path
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-HOW_TO_GET_WEIGHTS = (
-    "put an SD 1.x checkpoint (.safetensors, .ckpt or a diffusers folder) in weights/ "
-    "(weights/README.md says where to get one) or pass --checkpoint PATH; without real weights, "
-    "`ldm random-checkpoint weights/random-tiny.safetensors` makes a random one to try things")
-
-
 class CLIError(Exception):
     """A failure to report in one line."""
 
@@ -53,14 +51,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def find_checkpoint(given: str | None) -> Path:
-    """--checkpoint, else $LDM_CHECKPOINT, else the first checkpoint in ./weights/."""
-    from ldm.weights import find_checkpoint as find
+    """--checkpoint, else ldm.weights.default_checkpoint(): $LDM_CHECKPOINT, a real checkpoint in
+    ./weights/, else ldm's shipped shapes model, which it names in one line (it is not SD)."""
+    from ldm.weights import SHIPPED, default_checkpoint
 
-    found = Path(given) if given else find("weights")
-    if found is None:
-        raise CLIError(f"no checkpoint given and none found in {Path('weights').resolve()}: "
-                       + HOW_TO_GET_WEIGHTS)
-    return found
+    if given:
+        return Path(given)
+    path, why = default_checkpoint("weights")
+    if path == SHIPPED:
+        print(f"using {why}")
+    return path
 
 
 def cmd_info(args) -> None:
@@ -98,6 +98,18 @@ def cmd_encode(args) -> None:
           f"std {context.std():.4f}")
     print(f"context[0, :{min(n, 4)}, :6] =")
     print(context[0, :min(n, 4), :6])
+
+
+def cmd_train(args) -> None:
+    from ldm import train
+
+    try:
+        train.main(args.train_args)
+    except SystemExit as e:  # train's own usage errors: SystemExit("ldm train: ...") or argparse's 2
+        if isinstance(e.code, str):
+            raise CLIError(e.code.removeprefix("ldm train: ")) from None
+        if e.code not in (0, None):
+            raise
 
 
 def cmd_random_checkpoint(args) -> None:
@@ -314,6 +326,9 @@ def cmd_generate(args) -> None:
               negative_prompt=args.negative, num_images=args.num_images, progress=not args.quiet, tile=tile)
     if args.size:
         (width, height), size_arg = args.size, f"--size {args.size[0]}x{args.size[1]}"
+    elif image is None:  # txt2img: the size the model was trained at
+        width = height = pipe.default_size
+        size_arg = f"the model's default size {width}x{height}"
     else:
         (width, height), size_arg = image.size, f"--image {args.image} ({image.width}x{image.height})"
     if args.num_images >= 1 and args.steps >= 1 and width > 0 and height > 0:  # else the pipeline's error below
@@ -385,18 +400,21 @@ def cmd_download(args) -> None:
     print(f"wrote {target} (sha256 checked)")
 
 
-def _add_generation_options(s, size_default):
+def _add_generation_options(s, size_default: str):
     from ldm.samplers import SAMPLERS
 
     s.add_argument("prompt")
-    s.add_argument("--checkpoint", help="default: $LDM_CHECKPOINT, else the first one in weights/")
+    s.add_argument("--checkpoint", help="default: $LDM_CHECKPOINT, else the first real one in weights/, "
+                   "else the shipped shapes model")
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--scheduler", choices=SAMPLERS, default="euler")
     s.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default: random)")
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1: none)")
     s.add_argument("--negative", default="", help="negative prompt")
-    s.add_argument("--size", type=_size, default=size_default,
-                   help="WIDTHxHEIGHT in pixels" + ("" if size_default else " (default: the image's; resizes it)"))
+    s.add_argument("--size", type=_size, default=None,
+                   help="WIDTHxHEIGHT in pixels (default: " + ("the size the model was trained at: 512x512 "
+                        "for SD 1.x, 64x64 for the shipped model)" if size_default == "model"
+                        else "the image's; resizes it)"))
     s.add_argument("--num-images", type=int, default=1, help="images per prompt")
     s.add_argument("--out", default="outputs", help="output folder (created; files never overwritten)")
     s.add_argument("--device", type=_device, default=None,
@@ -424,13 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[common])
 
     s = command("generate", "text to image")
-    _add_generation_options(s, (512, 512))
+    _add_generation_options(s, "model")
     s = command("img2img", "image to image")
-    _add_generation_options(s, None)
+    _add_generation_options(s, "image")
     s.add_argument("--image", required=True, help="the starting image (PNG, JPEG, ...)")
     s.add_argument("--strength", type=float, default=0.75, help="0: keep the image ... 1: redraw it all")
     s = command("inpaint", "repaint the white part of a mask")
-    _add_generation_options(s, None)
+    _add_generation_options(s, "image")
     s.add_argument("--image", required=True, help="the image to repaint")
     s.add_argument("--mask", required=True, help="same size as the image; white = repaint, black = keep")
     s.add_argument("--strength", type=float, default=1.0)
@@ -446,8 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("encode", "tokenize and encode a prompt; print the tensors")
     s.add_argument("prompt")
-    s.add_argument("--checkpoint", help="default: $LDM_CHECKPOINT, else the first one in weights/")
+    s.add_argument("--checkpoint", help="default: $LDM_CHECKPOINT, else the first real one in weights/, "
+                   "else the shipped shapes model")
     s.set_defaults(func=cmd_encode)
+
+    s = sub.add_parser("train", add_help=False, prefix_chars="\0",  # every argument, --help too, is ldm.train's
+                       help="train ldm's shapes model (ldm/train.py; `ldm train --help` lists its options)")
+    s.add_argument("train_args", nargs=argparse.REMAINDER, help="passed to ldm.train.main")
+    s.set_defaults(func=cmd_train)
 
     s = command("random-checkpoint", "write a random-weight SD 1.x checkpoint")
     s.add_argument("path", help="where to write it (.safetensors or .ckpt); never overwritten")

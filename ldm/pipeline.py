@@ -1,6 +1,7 @@
 """The pipeline: prompt -> tokens -> context -> denoising loop -> VAE decode -> PIL images.
 
     pipe = ldm.load("weights/v1-5-pruned-emaonly.safetensors")        # device=, dtype=
+    pipe = ldm.load()                                                  # weights/, else ldm's shipped model
     images = pipe("a dog wearing a hat", steps=25, scheduler="euler", guidance=7.5, seed=0)
     result = pipe.generate("a dog wearing a hat", seed=0)            # .images, .latents, .x0_preds
     result = pipe.img2img("a dog wearing a hat", image, strength=0.6, seed=0)
@@ -359,14 +360,21 @@ class Pipeline:
         return hook
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         vae_dtype: torch.dtype | None = None, attention_backend: str = "auto") -> Pipeline:
+def load(path: str | Path | None = None, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+         attention_backend: str = "auto") -> Pipeline:
     """A Pipeline from an SD 1.x single file (.safetensors / .ckpt) or a diffusers folder.
+
+    path: default ldm.weights.default_checkpoint(): a real checkpoint ($LDM_CHECKPOINT, weights/)
+    if there is one, else the small shapes model ldm ships (the log says which, in one line).
 
     device: default CUDA if available, else CPU. dtype: default fp16 on CUDA, fp32 on the CPU.
     vae_dtype: default float32 when dtype is fp16 (the SD VAE overflows fp16), else dtype.
     attention_backend: the UNet's ("auto", "math", "sdpa", "triton"; see ldm.attention).
     """
+    if path is None:
+        path, why = weights.default_checkpoint()
+        log.warning("ldm.load: no checkpoint given; using %s", why)
     device, dtype = default_device_dtype(device, dtype)
     if vae_dtype is None:
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype

@@ -38,8 +38,7 @@ def test_random_checkpoint_then_info_then_encode(in_tmp, capsys):
     assert rc == 0 and "wrote weights/random-tiny.safetensors" in out
     rc, out, _ = run(capsys, "info", "weights/random-tiny.safetensors")
     assert rc == 0 and "family  sd1" in out and "safetensors" in out
-    # encode finds the checkpoint in ./weights/ by itself
-    rc, out, _ = run(capsys, "encode", "a dog wearing a hat")
+    rc, out, _ = run(capsys, "encode", "a dog wearing a hat", "--checkpoint", "weights/random-tiny.safetensors")
     assert rc == 0
     assert "[49406, 320, 1929, 3309, 320, 3801, 49407] + 70 x 49407 (padding)" in out
     assert "context    (1, 77, 32) torch.float32" in out
@@ -57,11 +56,13 @@ def test_encode_output_is_the_text_encoders(in_tmp, capsys):
     assert f"mean {ctx.mean():.4f}, std {ctx.std():.4f}" in out
 
 
-def test_no_checkpoint_says_how_to_get_one_in_one_line(in_tmp, capsys):
-    rc, out, err = run(capsys, "encode", "a dog")
-    assert rc == 1 and out == ""
-    assert err.count("\n") == 1 and err.startswith("ldm: error: no checkpoint given")
-    assert "weights/README.md" in err and "ldm random-checkpoint" in err
+def test_encode_without_a_checkpoint_uses_the_shipped_model(in_tmp, capsys):
+    from ldm import weights
+
+    rc, out, err = run(capsys, "encode", "a red circle")
+    assert rc == 0 and err == ""
+    assert out.startswith("using ldm's shipped shapes model ldm-shapes.safetensors (no real checkpoint")
+    assert f"checkpoint {weights.SHIPPED}" in out
 
 
 def test_never_overwrites(in_tmp, capsys):
@@ -178,9 +179,12 @@ def tiny_file(tmp_path_factory):
 
 
 @pytest.fixture
-def with_tiny(in_tmp, tiny_file, capsys):
+def with_tiny(in_tmp, tiny_file, capsys, monkeypatch):
+    """A random tiny checkpoint in weights/, named by $LDM_CHECKPOINT (a random file in weights/ alone
+    is passed over for the shipped model: it paints noise)."""
     (in_tmp / "weights").mkdir()
     shutil.copy(tiny_file, in_tmp / "weights" / "random-tiny.safetensors")
+    monkeypatch.setenv("LDM_CHECKPOINT", "weights/random-tiny.safetensors")
     capsys.readouterr()
     return in_tmp
 
@@ -353,9 +357,19 @@ def test_unwritable_output_folder_fails_before_sampling(with_tiny, capsys):
     assert (with_tiny / "taken").read_text() == "a file where the folder should go"
 
 
-def test_generate_without_checkpoint_says_how_to_get_one(in_tmp, capsys):
-    rc, out, err = run(capsys, "generate", "a dog")
-    assert rc == 1 and err.count("\n") == 1 and "ldm random-checkpoint" in err
+def test_generate_without_a_real_checkpoint_uses_the_shipped_model(in_tmp, tiny_file, capsys):
+    """A random checkpoint in weights/ paints noise: it is passed over, and the shipped model named."""
+    from PIL import Image
+
+    (in_tmp / "weights").mkdir()
+    shutil.copy(tiny_file, in_tmp / "weights" / "random-tiny.safetensors")
+    rc, out, err = run(capsys, "generate", "a red circle", "--steps", "4", "--seed", "0", "-q", "--out", "o")
+    assert rc == 0 and err == "", err
+    first, wrote = out.splitlines()
+    assert first.startswith("using ldm's shipped shapes model ldm-shapes.safetensors (no real checkpoint")
+    assert wrote == "wrote o/00000-0.png (64x64, seed 0)"  # the model's own default size
+    with Image.open(in_tmp / "o" / "00000-0.png") as im:
+        assert im.size == (64, 64) and "Model: ldm-shapes" in im.text["parameters"]
 
 
 def test_long_prompt_is_a_one_line_warning(with_tiny, capsys):
@@ -400,3 +414,12 @@ def test_the_search_for_real_weights_passes_over_random_checkpoints(in_tmp, caps
     (in_tmp / "weights" / "real").mkdir()
     (in_tmp / "weights" / "real" / "model_index.json").write_text("{}")  # a diffusers folder counts
     assert weights.find_checkpoint("weights", real_only=True) == Path("weights/real")
+
+
+def test_train_passes_its_arguments_through_and_its_errors_are_one_line(in_tmp, capsys):
+    rc, out, err = run(capsys, "train", "--set", "vae_stepz=3", "--out", "runs/x")
+    assert rc == 1 and out == ""
+    assert_one_line(err, "unknown config key 'vae_stepz'", "vae_steps")
+    assert not (in_tmp / "runs").exists()  # refused before anything was written
+    rc, out, _ = run(capsys, "train", "--help")
+    assert rc == 0 and "--resume" in out and "--vae-decoder-steps" in out
