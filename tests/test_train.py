@@ -23,8 +23,7 @@ MICRO = ["--set", "threads=1", "--set", "vae_ch=8", "--set", "vae_groups=4", "--
          "--set", "vae_eval_images=8", "--set", "text_width=32", "--set", "text_layers=1",
          "--set", "text_heads=2", "--set", "unet_channels=32", "--set", "unet_channel_mult=(1,2)",
          "--set", "unet_attention=(2,)", "--set", "unet_heads=2", "--set", "unet_batch=8",
-         "--set", "pool_size=32", "--set", "sample_every=0", "--set", "log_every=1",
-         "--set", "vae_decoder_steps=0"]
+         "--set", "pool_size=32", "--set", "sample_every=0", "--set", "log_every=1"]
 
 
 def micro(out, *extra) -> list[str]:
