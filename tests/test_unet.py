@@ -217,10 +217,16 @@ def test_architecture_table_in_docstring_matches_state_dict():
     assert documented == table_from_state_dict(UNetConfig())
 
 
-def test_architecture_table_in_chapter_matches_docstring():
+def test_architecture_tables_in_chapter_match_the_networks():
+    """Chapter 3 has two block tables: SD 1.x's (the docstring's) and the shipped model's UNet."""
     import ldm.unet
+    from ldm import checkpoint, weights
+
     chapter = (ROOT / "docs" / "03-unet.md").read_text()
-    assert parse_table(chapter) == parse_table(ldm.unet.__doc__)
+    sd1, shipped_section = chapter.split("## The shipped model's UNet", 1)
+    assert parse_table(sd1) == parse_table(ldm.unet.__doc__)
+    shipped = weights.configs_for(checkpoint.read(weights.SHIPPED))["unet"]
+    assert parse_table(shipped_section) == table_from_state_dict(shipped, latent=shipped.sample_size)
 
 
 def test_sd_key_counts_and_inpainting_input():
