@@ -35,7 +35,6 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -563,10 +562,8 @@ def _barrier(dist: Dist) -> None:
 def export(path: Path, text_encoder, unet, vae, metadata: dict[str, str]) -> Path:
     """The SD 1.x single file in fp16, configs (with the scaling factor) in its metadata."""
     configs = {"text_encoder": text_encoder.config, "unet": unet.cfg, "vae": vae.cfg}
-    kwargs = {}
-    if "metadata" in inspect.signature(weights.write_single_file).parameters:
-        kwargs["metadata"] = metadata
-    return weights.write_single_file(path, text_encoder, unet, vae, dtype=torch.float16, configs=configs, **kwargs)
+    return weights.write_single_file(path, text_encoder, unet, vae, dtype=torch.float16, configs=configs,
+                                     metadata=metadata)
 
 
 # --- the command -----------------------------------------------------------------------------

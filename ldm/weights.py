@@ -269,9 +269,14 @@ def write_single_file(path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Mo
         if configs is not None:
             meta[CONFIG_METADATA_KEY] = json.dumps(
                 {stage: dataclasses.asdict(cfg) for stage, cfg in configs.items()})
-        save_file(sd, str(tmp), metadata=meta)
-    else:
-        torch.save({"state_dict": sd}, tmp)
+    try:
+        if path.suffix == ".safetensors":
+            save_file(sd, str(tmp), metadata=meta)
+        else:
+            torch.save({"state_dict": sd}, tmp)
+    except BaseException:  # interrupted or failed (disk full): leave no half-written .partial behind
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
     return path
 

@@ -330,3 +330,18 @@ def test_load_stage_strict_and_lists_what_does_not_fit():
         ck.load_stage(module, wrong_shape, "text_encoder", "sd1")
     with pytest.raises(ValueError, match="stage='clip'"):
         ck.load_stage(module, good, "clip", "sd1")
+
+
+def test_an_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    from ldm import weights
+
+    te, unet, vae, configs = weights.random_models("tiny")
+
+    def interrupted(sd, filename, metadata=None):
+        open(filename, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(weights, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        weights.write_single_file(tmp_path / "m.safetensors", te, unet, vae, configs=configs)
+    assert list(tmp_path.iterdir()) == []
