@@ -3,6 +3,7 @@
     ldm generate "a red circle above a blue square"   text to image, PNGs in --out (default outputs/)
            [--checkpoint PATH] [--steps 25] [--scheduler euler] [--seed N] [--guidance 7.5]
            [--negative TEXT] [--size WxH] [--num-images 1] [--out DIR] [--device D] [--dtype T]
+           [--lora PATH[:WEIGHT] ...] [--embedding PATH ...] [--clip-skip N] [--prompt-syntax a1111]
            (no --checkpoint: $LDM_CHECKPOINT, else a real one in weights/, else the shapes model
            ldm ships, which it names; --size defaults to the model's own: 512x512 SD, 64x64 shapes)
     ldm img2img "a dog" --image IN.png [--strength 0.75] [same options]
@@ -309,7 +310,7 @@ def check_fits(pipe, height: int, width: int, num_images: int, size_arg: str, **
 
 def cmd_generate(args) -> None:
     import ldm
-    from ldm import images
+    from ldm import images, lora
 
     folder = _writable_folder(args.out, f"--out {args.out}")
     device = check_device(args.device)
@@ -319,11 +320,22 @@ def cmd_generate(args) -> None:
         image = _open_image(args.image, "--image")
         if args.command == "inpaint":
             mask = _open_image(args.mask, "--mask")
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = DTYPES.get(args.dtype, args.dtype)  # None, a torch dtype, or "auto"
+    loras = [lora.parse_spec(spec) for spec in args.lora]  # a bad weight fails before the model loads
+    for flag, files in (("--lora", [file for file, _ in loras]), ("--embedding", args.embedding)):
+        for file in files:
+            if not Path(file).is_file():
+                raise CLIError(f"{flag} {file}: no such file")
     pipe = ldm.load(path, device=device, dtype=dtype)
+    for file, weight in loras:
+        pipe.load_lora(file, weight)
+    for file in args.embedding:
+        emb = pipe.load_embedding(file)
+        logging.getLogger("ldm").info("embedding %s: the prompt word %r (%d vectors)", file, emb.name, len(emb.ids))
     tile = {"auto": None, "on": True, "off": False}[args.tile]
     kw = dict(steps=args.steps, scheduler=args.scheduler, guidance=args.guidance, seed=args.seed,
-              negative_prompt=args.negative, num_images=args.num_images, progress=not args.quiet, tile=tile)
+              negative_prompt=args.negative, num_images=args.num_images, progress=not args.quiet, tile=tile,
+              clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax)
     if args.size:
         (width, height), size_arg = args.size, f"--size {args.size[0]}x{args.size[1]}"
     elif image is None:  # txt2img: the size the model was trained at
@@ -419,10 +431,20 @@ def _add_generation_options(s, size_default: str):
     s.add_argument("--out", default="outputs", help="output folder (created; files never overwritten)")
     s.add_argument("--device", type=_device, default=None,
                    help="cpu, cuda, cuda:1 ..., mps (default: cuda if present)")
-    s.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    s.add_argument("--dtype", choices=(*DTYPES, "auto"), default=None,
+                   help="default: fp16 on CUDA, fp32 on CPU; auto: also bf16 on a CPU with native bf16 (VAE fp32)")
     s.add_argument("--tile", choices=("auto", "on", "off"), default="auto",
                    help="tiled VAE decode (auto: above 512x512)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="apply a LoRA file (kohya/A1111, diffusers/peft), weight default 1.0; repeatable")
+    s.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                   help="add a textual-inversion embedding; its word is the file's name; repeatable")
+    s.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                   help="A1111's count: 1 = the text encoder's last layer (SD 1.x), 2 = the one before")
+    s.add_argument("--prompt-syntax", choices=("plain", "a1111"), default="plain",
+                   help="a1111: (word:1.3) weights, [word], BREAK and prompts past 75 tokens; "
+                        "plain: the prompt as text, cut at 75 tokens (as diffusers)")
     s.set_defaults(func=cmd_generate)
 
 

@@ -13,6 +13,7 @@ and write, in their layout: prompt, "Negative prompt: ...", then "Steps: .., Sam
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -126,11 +127,27 @@ def parameters_text(prompt: str, negative_prompt: str = "", **settings) -> str:
     parameters_text("a dog", "blurry", steps=25, sampler="euler", cfg_scale=7.5, seed=0, size="512x512")
     -> 'a dog\\nNegative prompt: blurry\\nSteps: 25, Sampler: euler, CFG scale: 7.5, Seed: 0, Size: 512x512'
     """
-    names = {"cfg_scale": "CFG scale"}
+    names = {"cfg_scale": "CFG scale", "ti_hashes": "TI hashes"}
     pairs = ", ".join(f"{names.get(k, k.replace('_', ' ').capitalize())}: {v}"
                       for k, v in settings.items() if v is not None)
     lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else []) + [pairs]
     return "\n".join(lines)
+
+
+def short_hash(path: str | Path, *, addnet: bool = False) -> str:
+    """A1111's short hash of a LoRA or embedding file, as its "Lora hashes" / "TI hashes" write it:
+    the first 12 hex digits of a SHA-256 of the file; with addnet=True (A1111 does so for LoRA
+    .safetensors files) over the bytes after the JSON header only (kohya's "addnet" hash, which
+    editing the metadata does not change)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if addnet and path.suffix == ".safetensors":
+            header = int.from_bytes(f.read(8), "little")
+            f.seek(8 + header)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
 
 
 def save_png(image: Image.Image, folder: str | Path, parameters: str, stem: str = "") -> Path:

@@ -25,12 +25,19 @@ and ldm.samplers.sample, which owns the loop. This file adds what sits around th
    VAE kept in float32 under fp16 (SD's VAE decoder overflows fp16 into black/NaN images). A
    non-finite latent or image raises NonFiniteError instead of producing a black picture.
 6. Memory: images are decoded one at a time, in tiles when larger than 512x512 (tile=None).
+7. Adapters and prompts: pipe.load_lora(path, weight) merges a LoRA (ldm.lora; pipe.unload_loras()
+   restores the weights bit for bit), pipe.load_embedding(path) adds a textual-inversion word
+   (ldm.prompt); prompt_syntax="a1111" reads prompts as AUTOMATIC1111 does (weights, BREAK, no
+   75-token limit) and clip_skip=N takes the N-th layer from the end. The PNG text records all four
+   as A1111 writes them (<lora:name:weight> in the prompt, Lora hashes, TI hashes, Clip skip).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -38,30 +45,58 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm import checkpoint, images as imgs, samplers, weights
+from ldm import checkpoint, images as imgs, lora as lora_files, prompt as prompt_syntaxes, samplers, weights
 from ldm.k_samplers import randn
 from ldm.schedule import Schedule
 from ldm.tokenizer import CLIPTokenizer
 
-__all__ = ["load", "Pipeline", "Result", "NonFiniteError", "default_device_dtype"]
+__all__ = ["load", "Pipeline", "Result", "LoadedLoRA", "NonFiniteError", "default_device_dtype", "cpu_has_native_bf16", "PROMPT_SYNTAXES"]
 
 log = logging.getLogger(__name__)
 
 AUTO_TILE_LATENT = 64  # tile the VAE decode above 64x64 latents (512x512 pixels), tiles of this size
 PREVIEWS = (None, "cheap", "vae")
+PROMPT_SYNTAXES = ("plain", "a1111")  # plain: the tokenizer's 75 tokens, as diffusers; a1111: ldm.prompt
 
 
 class NonFiniteError(FloatingPointError):
     """A latent or an image holds NaN or inf (typically fp16 overflow): refused rather than saved black."""
 
 
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU compute in bf16 natively (AVX512-BF16 or AMX), so that bf16 matmuls and
+    convolutions run faster than fp32 instead of being emulated (and slower)?"""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere: no bf16 claimed)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """CUDA with fp16 when there is a GPU, else the CPU with fp32; either can be forced."""
+    """CUDA with fp16 when there is a GPU, else the CPU with fp32; either can be forced.
+
+    dtype="auto": fp16 on CUDA; on the CPU bf16 where the CPU has native bf16 (cpu_has_native_bf16),
+    else fp32. (load() keeps the VAE in fp32 under "auto": its decoder is cheap and precision-sensitive.)
+    """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else \
+            torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+        raise ValueError(f"dtype={dtype!r} is not supported; use torch.float32, torch.float16, torch.bfloat16 "
+                         f"or 'auto'")
     return device, dtype
 
 
@@ -106,6 +141,28 @@ def _prompt_list(prompt, name: str = "prompt") -> list[str]:
     return prompts
 
 
+@dataclasses.dataclass
+class LoadedLoRA:
+    """A LoRA on a pipeline: its name (the file's stem, as in A1111's <lora:name:weight>), weight,
+    A1111 short hash, and the ldm.lora handle that takes it off again."""
+
+    name: str
+    weight: float
+    hash: str | None
+    handle: lora_files.Applied
+
+
+def _hashes(pairs) -> str | None:
+    """A1111's 'Lora hashes' / 'TI hashes' value: '"name: hash, name: hash"', or None for none."""
+    text = ", ".join(f"{name}: {h}" for name, h in pairs if h)
+    return f'"{text}"' if text else None
+
+
+def _uses(word: str, *texts: str) -> bool:
+    """Does an embedding's word appear, as a word, in one of the texts (A1111 lists only those)?"""
+    return any(re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", t, re.IGNORECASE) for t in texts)
+
+
 class Pipeline:
     """tokenizer + text_encoder + unet + vae + schedule, on one device. Build it with ldm.load."""
 
@@ -114,6 +171,8 @@ class Pipeline:
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.schedule = schedule or Schedule.sd1()
         self.name, self.family = name, family
+        self.loras: list[LoadedLoRA] = []  # in the order loaded; unload_loras() takes them all off
+        self.embeddings: list[prompt_syntaxes.Embedding] = []
 
     def __repr__(self) -> str:
         return (f"Pipeline({self.name!r}, family={self.family}, device={self.device}, unet {self.dtype}, "
@@ -158,12 +217,48 @@ class Pipeline:
                 raise ValueError(f"{name}={v!r} must be a multiple of {m} pixels (the VAE's downsampling) "
                                  f"and at least {lo} (one latent pixel at the UNet's deepest level)")
 
+    # ---- adapters ---------------------------------------------------------------------------
+    def load_lora(self, path, weight: float = 1.0, *, merge: bool = True, strict: bool = True) -> LoadedLoRA:
+        """Apply a LoRA file (or an ldm.lora.LoRA) to the UNet and text encoder at `weight`.
+
+        merge=True adds weight * alpha / r * up @ down into the weights (no cost per step);
+        merge=False adds it in forward hooks. strict=False skips keys that match no module.
+        Everything is checked before a weight changes: a refused file leaves the pipeline as it was.
+        """
+        lo = path if isinstance(path, lora_files.LoRA) else lora_files.read(path)
+        handle = lora_files.apply(self.text_encoder, self.unet, [(lo, weight)], merge=merge, strict=strict)
+        source = Path(lo.path)
+        loaded = LoadedLoRA(source.stem, float(weight), imgs.short_hash(source, addnet=True) if source.is_file() else None, handle)
+        self.loras.append(loaded)
+        return loaded
+
+    def unload_loras(self) -> None:
+        """Take every loaded LoRA off, newest first: the original weight tensors come back."""
+        while self.loras:
+            self.loras.pop().handle.unmerge()
+
+    def load_embedding(self, path, name: str | None = None) -> prompt_syntaxes.Embedding:
+        """Add a textual-inversion embedding as the prompt word `name` (default: from the file)."""
+        emb = prompt_syntaxes.load_embedding(path, self.tokenizer, self.text_encoder, name=name)
+        self.embeddings.append(emb)
+        return emb
+
     # ---- the stages -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """prompts -> context (B, 77, C) in the UNet's dtype (a long prompt warns with what is dropped)."""
+    def encode_prompt(self, prompts: list[str], *, clip_skip: int = 1, prompt_syntax: str = "plain") -> torch.Tensor:
+        """prompts -> context in the UNet's dtype: (B, 77, C) on the plain path (a long prompt warns with
+        what is dropped); (B, 77 n, C) with prompt_syntax="a1111", n = the most 75-token chunks a prompt
+        needs (ldm.prompt.encode). clip_skip counts as A1111's: 1 = the last layer, 2 = the one before."""
+        if prompt_syntax not in PROMPT_SYNTAXES:
+            raise ValueError(f"prompt_syntax={prompt_syntax!r} must be one of {PROMPT_SYNTAXES}")
+        if prompt_syntax == "a1111":
+            return prompt_syntaxes.encode(prompts, self.tokenizer, self.text_encoder, clip_skip=clip_skip).to(self.dtype)
+        L = self.text_encoder.config.num_hidden_layers
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= L:
+            raise ValueError(f"clip_skip={clip_skip!r} must be an int in [1, {L}] "
+                             "(A1111's count: 1 = the last layer, 2 = the one before)")
         ids = self.tokenizer(prompts).to(self.device)  # (B, 77)
-        return self.text_encoder(ids).to(self.dtype)  # (B, 77, C)
+        return self.text_encoder(ids, clip_skip=clip_skip - 1).to(self.dtype)  # (B, 77, C)
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -252,9 +347,11 @@ class Pipeline:
              num_images: int = 1, callback: Callable | None = None, progress: bool = True,
              previews: str | None = None, tile: bool | None = None, spacing: str | None = None,
              karras: bool = False, eta: float = 0.0, image: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None, strength: float = 1.0) -> Result:
+             mask: torch.Tensor | None = None, strength: float = 1.0, clip_skip: int = 1,
+             prompt_syntax: str = "plain") -> Result:
         """The shared loop. seed: int (image b gets seed + b), a list (one per image) or None (random).
-        callback(i, x, x0_pred) after each step; previews: None, "cheap" (linear RGB map) or "vae"."""
+        callback(i, x, x0_pred) after each step; previews: None, "cheap" (linear RGB map) or "vae".
+        clip_skip, prompt_syntax: see encode_prompt."""
         prompts = _prompt_list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) \
             else _prompt_list(negative_prompt, "negative_prompt")
@@ -278,10 +375,14 @@ class Pipeline:
         spacing = spacing or samplers.DEFAULT_SPACING[scheduler]
 
         # 1. text -> context, prompt b repeated num_images times: (B, 77, C), or (2B, ...) [uncond; cond]
-        cond = self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)
+        #    (77 n tokens with prompt_syntax="a1111": prompts and negatives encoded together, so that
+        #    both have the same number of chunks)
+        texts = prompts + negatives if guidance != 1.0 else prompts
+        encoded = self.encode_prompt(texts, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
+        cond = encoded[:len(prompts)].repeat_interleave(num_images, dim=0)
         context = cond
         if guidance != 1.0:
-            uncond = self.encode_prompt(negatives).repeat_interleave(num_images, dim=0)
+            uncond = encoded[len(prompts):].repeat_interleave(num_images, dim=0)
             context = torch.cat([uncond, cond])
 
         # 2. the image's latents and the starting noise, drawn from the generators in diffusers' order
@@ -333,9 +434,15 @@ class Pipeline:
         f = self.vae.cfg.downsample_factor
         size = f"{w * f}x{h * f}"
         params = [imgs.parameters_text(
-            prompts[b // num_images], negatives[b // num_images], steps=steps, sampler=scheduler,
+            prompts[b // num_images] + "".join(f" <lora:{lo.name}:{lo.weight:g}>" for lo in self.loras),
+            negatives[b // num_images], steps=steps, sampler=scheduler,
             cfg_scale=guidance, seed=seeds[b], size=size, model=self.name or None,
-            denoising_strength=strength if mode != "txt2img" else None, mode=mode) for b in range(B)]
+            denoising_strength=strength if mode != "txt2img" else None,
+            clip_skip=clip_skip if clip_skip != 1 else None,
+            lora_hashes=_hashes((lo.name, lo.hash) for lo in self.loras),
+            ti_hashes=_hashes((e.name, imgs.short_hash(e.path)) for e in self.embeddings
+                              if _uses(e.name, prompts[b // num_images], negatives[b // num_images])),
+            prompt_syntax=prompt_syntax if prompt_syntax != "plain" else None, mode=mode) for b in range(B)]
         return Result(pil, latents, x0_preds, previews_out, seeds, params)
 
     def _seeds(self, seed, B: int) -> list[int]:
@@ -361,23 +468,25 @@ class Pipeline:
 
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+         dtype: torch.dtype | str | None = None, vae_dtype: torch.dtype | None = None,
          attention_backend: str = "auto") -> Pipeline:
     """A Pipeline from an SD 1.x single file (.safetensors / .ckpt) or a diffusers folder.
 
     path: default ldm.weights.default_checkpoint(): a real checkpoint ($LDM_CHECKPOINT, weights/)
     if there is one, else the small shapes model ldm ships (the log says which, in one line).
 
-    device: default CUDA if available, else CPU. dtype: default fp16 on CUDA, fp32 on the CPU.
-    vae_dtype: default float32 when dtype is fp16 (the SD VAE overflows fp16), else dtype.
+    device: default CUDA if available, else CPU. dtype: default fp16 on CUDA, fp32 on the CPU;
+    "auto" also takes bf16 for the UNet and text encoder on a CPU with native bf16 (AVX512-BF16, AMX).
+    vae_dtype: default float32 when dtype is fp16 or "auto" (the SD VAE overflows fp16), else dtype.
     attention_backend: the UNet's ("auto", "math", "sdpa", "triton"; see ldm.attention).
     """
     if path is None:
         path, why = weights.default_checkpoint()
         log.warning("ldm.load: no checkpoint given; using %s", why)
+    auto = isinstance(dtype, str) and dtype == "auto"
     device, dtype = default_device_dtype(device, dtype)
     if vae_dtype is None:
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        vae_dtype = torch.float32 if dtype == torch.float16 or auto else dtype
     ck = checkpoint.read(path)
     text_encoder, unet, vae = weights.build(ck)  # on the CPU in the file's dtype, then cast once each
     text_encoder, unet, vae = text_encoder.to(device, dtype), unet.to(device, dtype), vae.to(device, vae_dtype)
