@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ref_clip
+import ref_lora
 import ref_unet
 from ldm import checkpoint, lora
 from ldm.clip import CLIPTextConfig
@@ -62,9 +62,7 @@ def outputs(te, unet):
         return unet(x, t, ctx), te(ids)
 
 
-def targets(model: nn.Module, pattern: str, exclude: tuple[str, ...] = ()) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and re.search(pattern, n)
-            and n not in exclude]
+targets = ref_lora.targets
 
 
 def random_layers(model, names, rank=4, seed=0, ranks=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -420,8 +418,7 @@ def test_parse_spec_errors(text, match):
         lora.parse_spec(text)
 
 
-# ---- the LCM-LoRA SD 1.5 layout at full size -----------------------------------------------------
-LCM_TARGETS = r"(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out|in_layers\.2|out_layers\.3|skip_connection|emb_layers\.1|\.op|\d\.conv)$"
+# ---- the LCM-LoRA SD 1.5 layout at full size (tests/ref_lora.py) ----------------------------------
 
 
 @pytest.mark.full
@@ -430,19 +427,9 @@ def test_lcm_lora_layout_full_size(tmp_path):
     278 modules map, 67.25M parameters, and merged weights equal diffusers' fused ones on a few modules."""
     with torch.device("meta"):
         meta_unet = UNetModel(UNetConfig())
-    names = targets(meta_unet, LCM_TARGETS)
+    names = targets(meta_unet, ref_lora.LCM_TARGETS)
     assert len(names) == 278
-    g = torch.Generator().manual_seed(0)
-    sd = {}
-    table = lora.module_table("unet", meta_unet)
-    spelled = {n: a for a, n in table.items() if a.startswith(("down_", "mid_", "up_")) and "." not in a}
-    for name in names:
-        w = meta_unet.get_submodule(name).weight
-        key = "lora_unet_" + spelled[name]
-        sd[f"{key}.lora_down.weight"] = (torch.randn(64, *w.shape[1:], generator=g) * 0.02).half()
-        sd[f"{key}.lora_up.weight"] = (torch.randn(w.shape[0], 64, *((1, 1) if w.ndim == 4 else ()), generator=g)
-                                       * 0.02).half()
-        sd[f"{key}.alpha"] = torch.tensor(64.0).half()
+    sd = ref_lora.lcm_shaped(meta_unet)
     path = tmp_path / "lcm-lora-sdv1-5-shaped.safetensors"
     save_file(sd, str(path))
     lo = lora.read(path)

@@ -324,3 +324,22 @@ def test_any_multiple_of_8_pixels_works(tiny):
     """72x40 px is a 9x5 latent, which the UNet cannot halve evenly: it upsamples to each skip's size."""
     res = tiny["sd1"][0].generate("a dog", steps=1, height=72, width=40, progress=False)
     assert res.images[0].size == (40, 72) and res.latents.shape[-2:] == (9, 5)
+
+
+def test_dtype_auto_takes_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """dtype="auto": bf16 UNet and text encoder on a CPU with native bf16, the VAE in fp32; fp32 on
+    a CPU without (emulated bf16 is slower than fp32); fp16 on CUDA."""
+    from ldm import pipeline, weights
+    monkeypatch.setattr(pipeline, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert pipeline.default_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.bfloat16)
+    assert pipeline.default_device_dtype("cuda", "auto")[1] == torch.float16
+    fast = pipeline.load(weights.SHIPPED, device="cpu", dtype="auto")
+    assert (fast.dtype, fast.vae_dtype) == (torch.bfloat16, torch.float32)
+    ref = pipeline.load(weights.SHIPPED, device="cpu", dtype=torch.float32)
+    a = np.asarray(fast("a red circle", steps=10, seed=0, progress=False)[0], np.float32)
+    b = np.asarray(ref("a red circle", steps=10, seed=0, progress=False)[0], np.float32)
+    assert np.abs(a - b).mean() < 8  # the same picture, to bf16's precision (0-255 scale)
+    monkeypatch.setattr(pipeline, "_cpu_flags", lambda: frozenset({"avx512f"}))
+    assert pipeline.default_device_dtype("cpu", "auto")[1] == torch.float32
+    with pytest.raises(ValueError, match="dtype='fp8' is not supported"):
+        pipeline.default_device_dtype("cpu", "fp8")
