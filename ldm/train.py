@@ -89,8 +89,7 @@ class TrainConfig:
     vae_lr: float = 3e-3
     vae_mean_steps: int = 550  # the first steps decode the posterior mean, later ones a sample
     kl_weight: float = 1e-5  # times the KL per image, over pixels per image: SD's kl_weight convention
-    vae_decoder_steps: int = 0  # then the decoder alone, encoder frozen (SD's ft-MSE VAE): latents unchanged;
-    # 800 took the shipped VAE from 28.2 to 32.0 dB in 4 minutes (the shipped file predates it: 0)
+    vae_decoder_steps: int = 800  # then the decoder alone, encoder frozen (SD's ft-MSE VAE): latents unchanged
     vae_decoder_lr: float = 1e-3
     vae_eval_images: int = 256  # held-out images for the PSNR and the scaling factor
     # stage 2: text encoder + UNet
@@ -102,18 +101,19 @@ class TrainConfig:
     unet_res_blocks: int = 1
     unet_attention: tuple = (1, 2, 4)  # downsampling factors with a SpatialTransformer
     unet_heads: int = 4
-    unet_steps: int = 2200
+    unet_steps: int = 4400
     unet_batch: int = 32
-    unet_lr: float = 7e-4
+    unet_lr: float = 1e-3
     pool_size: int = 16384  # scenes encoded once for stage 2
     caption_dropout: float = 0.1  # fraction of empty captions (classifier-free guidance)
     # both stages
-    grad_accum: int = 1  # micro-steps per optimiser step, summed over all processes
+    grad_accum: int = 2  # micro-steps per optimiser step, summed over all processes: one process runs 2,
+    # torchrun with 2 runs 1 each, and either way a step sees 2 x batch images
     warmup: int = 100  # linear warmup steps, then cosine decay to min_lr_frac of the rate
     min_lr_frac: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.995  # averages about the last 1 / (1 - decay) = 200 steps
+    ema_decay: float = 0.999  # averages about the last 1 / (1 - decay) = 1000 steps
     sample_every: int = 350  # steps between sample grids (0: never)
     ckpt_every: int = 200  # steps between checkpoints (the last step always writes one)
 
@@ -350,13 +350,13 @@ def train_vae(cfg: TrainConfig, dist: Dist, resume: bool) -> AutoencoderKL:
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(cfg.vae_config()).to(dist.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    step, elapsed, encoder_metrics = 0, 0.0, None
+    step, elapsed, encoder_metrics, history = 0, 0.0, None, []  # history: [step, loss] every log_every steps
     total = cfg.vae_steps + cfg.vae_decoder_steps
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=dist.device, weights_only=False)
         vae.load_state_dict(ck["vae"])
         opt.load_state_dict(ck["opt"])
-        step, elapsed = ck["step"], ck["elapsed"]
+        step, elapsed, history = ck["step"], ck["elapsed"], ck.get("history", [])
         encoder_metrics = ck.get("encoder_metrics") or (ck.get("metrics") if step >= cfg.vae_steps else None)
         if ck.get("done") and step >= total:
             vae.cfg = dataclasses.replace(vae.cfg, scaling_factor=ck["metrics"]["scaling_factor"])
@@ -390,6 +390,7 @@ def train_vae(cfg: TrainConfig, dist: Dist, resume: bool) -> AutoencoderKL:
         bar.set_postfix(loss=f"{loss.item():.4f}", rec=f"{rec.item():.4f}", refresh=False)
         if dist.master and (step % cfg.log_every == 0 or step == total):
             log.info("vae step %d loss %.5f rec %.5f grad_norm %.3f", step, loss.item(), rec.item(), norm)
+            history.append([step, round(loss.item(), 6)])
         last = step == total
         if dist.master and step == cfg.vae_steps:  # the encoder is final: measure its scaling factor now
             encoder_metrics = evaluate_vae(vae, cfg, dist.device)
@@ -400,7 +401,7 @@ def train_vae(cfg: TrainConfig, dist: Dist, resume: bool) -> AutoencoderKL:
         if dist.master and (last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
             state = {"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0,
                      "config": dataclasses.asdict(cfg), "world_size": dist.world, "done": False,
-                     "encoder_metrics": encoder_metrics}
+                     "encoder_metrics": encoder_metrics, "history": history}
             if last:  # the decoder moved, the encoder did not: its latents keep the factor measured above
                 encoder_metrics = encoder_metrics or evaluate_vae(vae, cfg, dist.device)  # vae_steps=0
                 state["metrics"] = {**evaluate_vae(vae, cfg, dist.device),
@@ -470,13 +471,13 @@ def train_latent(cfg: TrainConfig, dist: Dist, vae: AutoencoderKL, resume: bool)
     denoiser = Denoiser(text_encoder, unet)
     ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
     opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    step, elapsed = 0, 0.0
+    step, elapsed, history = 0, 0.0, []  # history: [step, loss] every log_every steps
     if resume and ckpt_path.exists():  # a finished checkpoint resumes too: a larger unet_steps extends it
         ck = torch.load(ckpt_path, map_location=dist.device, weights_only=False)
         denoiser.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
-        step, elapsed = ck["step"], ck["elapsed"]
+        step, elapsed, history = ck["step"], ck["elapsed"], ck.get("history", [])
         log.info("stage 2: resuming at step %d", step)
     if dist.master:
         log.info("stage 2: text encoder %.2fM parameters, UNet %.2fM parameters", count(text_encoder) / 1e6,
@@ -519,13 +520,14 @@ def train_latent(cfg: TrainConfig, dist: Dist, vae: AutoencoderKL, resume: bool)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if dist.master and (step % cfg.log_every == 0 or step == cfg.unet_steps):
             log.info("unet step %d loss %.5f grad_norm %.3f", step, loss.item(), norm)
+            history.append([step, round(loss.item(), 6)])
         last = step == cfg.unet_steps
         if dist.master and cfg.sample_every and (step % cfg.sample_every == 0 or last):
             _latent_samples(ema, vae, tokenizer, cfg, out / "samples" / f"unet-{step:06d}.png")
         if dist.master and (last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
             save(ckpt_path, {"model": denoiser.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                              "step": step, "elapsed": time.time() - t0, "config": dataclasses.asdict(cfg),
-                             "world_size": dist.world, "done": last})
+                             "world_size": dist.world, "done": last, "history": history})
     bar.close()
     if dist.master:
         log.info("stage 2 done in %.1f min", (time.time() - t0) / 60)
@@ -616,11 +618,13 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
     _barrier(dist)
     t0 = time.time()
     vae = train_vae(cfg, dist, resume=resume or cfg.stage == "unet")
-    result = dict(torch.load(out / VAE_CKPT, map_location="cpu", weights_only=False)["metrics"])
-    result["vae_minutes"] = torch.load(out / VAE_CKPT, map_location="cpu", weights_only=False)["elapsed"] / 60
+    vae_ck = torch.load(out / VAE_CKPT, map_location="cpu", weights_only=False)
+    result = {**vae_ck["metrics"], "vae_minutes": vae_ck["elapsed"] / 60, "history": {"vae": vae_ck.get("history", [])}}
     if cfg.stage in ("unet", "all"):
         text_encoder, unet = train_latent(cfg, dist, vae, resume=resume)
-        result["unet_minutes"] = torch.load(out / LATENT_CKPT, map_location="cpu", weights_only=False)["elapsed"] / 60
+        latent_ck = torch.load(out / LATENT_CKPT, map_location="cpu", weights_only=False)
+        result["unet_minutes"] = latent_ck["elapsed"] / 60
+        result["history"]["unet"] = latent_ck.get("history", [])
         if dist.master:
             result["params"] = {"text_encoder": count(text_encoder), "unet": count(unet), "vae": count(vae)}
             meta = {"ldm.train": json.dumps({"config": dataclasses.asdict(cfg), "world_size": dist.world,

@@ -105,7 +105,7 @@ def test_decoder_finetune_moves_the_decoder_only(tmp_path):
     latents and their measured scaling factor, stay exactly what the first phase left."""
     common = ["--stage", "vae", "--set", "vae_steps=3", "--set", "warmup=0", "--set", "ckpt_every=3",
               "--set", "vae_mean_steps=0"]
-    train.main(micro(tmp_path / "a", *common))
+    train.main(micro(tmp_path / "a", *common, "--set", "vae_decoder_steps=0"))
     train.main(micro(tmp_path / "b", *common, "--set", "vae_decoder_steps=3"))
     a, b = (torch.load(tmp_path / d / "vae.pt", weights_only=False) for d in ("a", "b"))
     assert (a["step"], b["step"]) == (3, 6)
