@@ -51,7 +51,8 @@ def main(argv=None) -> None:
         assert cli.main(["random-checkpoint", str(ckpt), "--size", "full", "--dtype", "fp16"]) == 0
     if not lcm.exists():
         with torch.device("meta"):
-            ref_lora.write_lcm_shaped(lcm, UNetModel(UNetConfig()))
+            shapes_only = UNetModel(UNetConfig())  # only the weights' shapes are read
+        ref_lora.write_lcm_shaped(lcm, shapes_only)
     print(f"{torch.get_num_threads()} threads; checkpoint {ckpt.stat().st_size / 1e9:.2f} GB, "
           f"LoRA {lcm.stat().st_size / 1e6:.1f} MB")
 
