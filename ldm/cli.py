@@ -4,12 +4,15 @@
            [--checkpoint PATH] [--steps 25] [--scheduler euler] [--seed N] [--guidance 7.5]
            [--negative TEXT] [--size WxH] [--num-images 1] [--out DIR] [--device D] [--dtype T]
            [--lora PATH[:WEIGHT] ...] [--embedding PATH ...] [--clip-skip N] [--prompt-syntax a1111]
+           [--prediction-type epsilon|v_prediction|sample]   (default: the checkpoint's)
            (no --checkpoint: $LDM_CHECKPOINT, else a real one in weights/, else the shapes model
            ldm ships, which it names; --size defaults to the model's own: 512x512 SD, 64x64 shapes)
     ldm img2img "a dog" --image IN.png [--strength 0.75] [same options]
     ldm inpaint "a cat" --image IN.png --mask MASK.png [--strength 1.0] [same options]
-    ldm download [sd-v1-5|sd-v1-5-inpainting|sd-v1-4] [--dir weights]   (pip install 'ldm[download]')
-    ldm info CHECKPOINT                        family, format, dtype, tensors and bytes per stage
+    ldm download [sd-v1-5|sd-v1-4|sd-v1-5-inpainting] [--dir weights]   (pip install 'ldm[download]';
+                                               the entries are the supported families' (ldm.families))
+    ldm info CHECKPOINT                        family, format, dtype, what the UNet predicts and why,
+                                               tensors and bytes per stage
     ldm encode "a dog wearing a hat"           tokenize + CLIP-encode, print the ids and the context
            [--checkpoint PATH]                 (default: as for generate)
     ldm train [--out runs/shapes] [--resume] [--stage vae|unet|all] [--set KEY=VALUE ...]
@@ -40,6 +43,8 @@ from pathlib import Path
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class CLIError(Exception):
     """A failure to report in one line."""
 
@@ -71,6 +76,7 @@ def cmd_info(args) -> None:
     s = ck.summary()
     print(f"{ck.path}")
     print(f"  family  {s['family']}   format {s['format']}   dtype {s['dtype']}")
+    print(f"  predicts {s['prediction_type']} ({s['prediction_reason']})")
     for stage, st in s["stages"].items():
         print(f"  {stage:<13} {st['tensors']:>5} tensors  {st['bytes'] / 2**20:>9.1f} MiB")
     for what, count in s["ignored"].items():
@@ -79,12 +85,11 @@ def cmd_info(args) -> None:
 
 def cmd_encode(args) -> None:
     from ldm import checkpoint, weights
-    from ldm.tokenizer import CLIPTokenizer
 
     path = find_checkpoint(args.checkpoint)
     ck = checkpoint.read(path)
     text_encoder, _, _ = weights.build(ck, dtype=torch.float32)
-    tok = CLIPTokenizer()
+    tok = ck.record.tokenizer()  # the family's
     ids = tok([args.prompt])  # (1, 77)
     n = min(len(tok.encode(args.prompt)), 75) + 2  # BOS + tokens + EOS
     with torch.no_grad():
@@ -218,7 +223,7 @@ def working_memory(unet_cfg, vae_cfg, height: int, width: int, num_images: int =
     p = h * w  # latent pixels per image
     size, vsize = torch.finfo(dtype).bits // 8, torch.finfo(vae_dtype).bits // 8
     # kept all run long: the x0 prediction of every step (Result.x0_preds) and a few float32 latents
-    kept = (steps + 4) * B * 4 * p * 4
+    kept = (steps + 4) * B * vae_cfg.embed_dim * p * 4
     # the UNet, per batch row (two per image with classifier-free guidance)
     mc, mults, n = unet_cfg.model_channels, unet_cfg.channel_mult, unet_cfg.num_res_blocks
     skips = mc + sum(n * mc * m / 4**i + (mc * m / 4**(i + 1) if i < len(mults) - 1 else 0)
@@ -326,7 +331,7 @@ def cmd_generate(args) -> None:
         for file in files:
             if not Path(file).is_file():
                 raise CLIError(f"{flag} {file}: no such file")
-    pipe = ldm.load(path, device=device, dtype=dtype)
+    pipe = ldm.load(path, device=device, dtype=dtype, prediction_type=args.prediction_type)
     for file, weight in loras:
         pipe.load_lora(file, weight)
     for file in args.embedding:
@@ -365,16 +370,16 @@ def cmd_generate(args) -> None:
 
 
 # ---- download --------------------------------------------------------------------------------------
-# name -> (Hub repository, file, sha256 of the file). Licence: CreativeML OpenRAIL-M (accept it on the
-# model page first; a gated repository also needs `huggingface-cli login`).
-DOWNLOADS = {
-    "sd-v1-5": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors",
-                "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"),
-    "sd-v1-5-inpainting": ("stable-diffusion-v1-5/stable-diffusion-inpainting", "sd-v1-5-inpainting.ckpt",
-                           "c6bbc15e3224e6973459ba78de4998b80b50112b0ae5b5c67113d56b4e366b19"),
-    "sd-v1-4": ("CompVis/stable-diffusion-v-1-4-original", "sd-v1-4.ckpt",
-                "fe4efff1e174c627256e44ec2991ba279b3816e364b49f9be2abc0b3ff3f8556"),
-}
+# name -> ldm.families.Download (Hub repository, file, size, sha256), the supported families' entries.
+# Licence: the entry's (CreativeML OpenRAIL-M for SD 1.x: accept it on the model page first; a gated
+# repository also needs `huggingface-cli login`).
+def _downloads() -> dict:
+    from ldm import families
+
+    return {name: entry for name, (_, entry) in families.downloads().items()}
+
+
+DOWNLOADS = _downloads()
 
 
 def sha256_of(path: Path) -> str:
@@ -386,7 +391,8 @@ def sha256_of(path: Path) -> str:
 
 
 def cmd_download(args) -> None:
-    repo, filename, sha256 = DOWNLOADS[args.name]
+    entry = DOWNLOADS[args.name]
+    repo, filename, sha256 = entry.repo, entry.filename, entry.sha256
     target = Path(args.dir) / filename
     if target.exists():
         raise CLIError(f"{target} already exists; not overwritten (delete it to download again)")
@@ -398,7 +404,8 @@ def cmd_download(args) -> None:
     _writable_folder(args.dir, f"--dir {args.dir}")
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=args.dir))  # same disk: the final move is a rename
     try:
-        print(f"downloading {repo}/{filename} (about 4 GB) ...", file=sys.stderr)
+        print(f"downloading {repo}/{filename} ({entry.size / 1e9:.2f} GB, licence {entry.licence}) ...",
+              file=sys.stderr)
         got = Path(hf_hub_download(repo, filename, local_dir=staging))  # its own progress bar
         digest = sha256_of(got)
         if digest != sha256:
@@ -413,6 +420,7 @@ def cmd_download(args) -> None:
 
 
 def _add_generation_options(s, size_default: str):
+    from ldm.sampler_common import PREDICTION_TYPES
     from ldm.samplers import SAMPLERS
 
     s.add_argument("prompt")
@@ -445,6 +453,9 @@ def _add_generation_options(s, size_default: str):
     s.add_argument("--prompt-syntax", choices=("plain", "a1111"), default="plain",
                    help="a1111: (word:1.3) weights, [word], BREAK and prompts past 75 tokens; "
                         "plain: the prompt as text, cut at 75 tokens (as diffusers)")
+    s.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
+                   help="what the UNet predicts (default: the checkpoint's, see `ldm info`); an override "
+                        "must be one its family allows (SD 2.x: epsilon or v_prediction)")
     s.set_defaults(func=cmd_generate)
 
 
@@ -475,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask", required=True, help="same size as the image; white = repaint, black = keep")
     s.add_argument("--strength", type=float, default=1.0)
 
-    s = command("download", "download an SD 1.x checkpoint into weights/ (needs huggingface_hub)")
+    s = command("download", "download a checkpoint of a supported family into weights/ (needs huggingface_hub)")
     s.add_argument("name", nargs="?", choices=tuple(DOWNLOADS), default="sd-v1-5")
     s.add_argument("--dir", default="weights")
     s.set_defaults(func=cmd_download)

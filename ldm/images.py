@@ -3,7 +3,7 @@
     x = images.from_pil(img)                  # PIL (W x H) -> (1, 3, H, W) in [-1, 1]
     m = images.mask_from_pil(mask, H, W)      # PIL -> (1, 1, H, W) in {0, 1}: 1 = repaint, 0 = keep
     pils = images.to_pil(decoded)             # (B, 3, H, W) in [-1, 1] -> list of PIL images
-    rgb = images.latent_preview(x0_pred)      # (B, 4, h, w) latent -> (B, 3, h, w) RGB, no VAE
+    rgb = images.latent_preview(x0_pred, pipe.family.preview_factors())   # (B, 4, h, w) -> (B, 3, h, w), no VAE
     path = images.save_png(img, "outputs/", parameters_text(...))   # never overwrites
 
 The conversions follow diffusers' VaeImageProcessor (same rounding, same mask binarisation at
@@ -21,23 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-__all__ = ["LATENT_RGB_FACTORS", "from_pil", "mask_from_pil", "to_pil", "latent_preview", "preview_pil",
+__all__ = ["from_pil", "mask_from_pil", "to_pil", "latent_preview", "preview_pil",
            "parameters_text", "save_png"]
 
 log = logging.getLogger(__name__)
-
-# A linear map from SD 1.x's four latent channels (the UNet's scaled latent) to RGB in about
-# [-1, 1]: the least-squares fit of decoded pixels on latents that Keturn published ("cheap
-# approximation" in the AUTOMATIC1111 web UI). It knows nothing of the decoder's detail, only
-# the rough colour each channel carries, which is enough to watch x0 take shape step by step.
-LATENT_RGB_FACTORS = torch.tensor([
-    #   R       G       B
-    [0.298, 0.207, 0.208],     # channel 0: luminance
-    [0.187, 0.286, 0.173],     # channel 1: cyan / red
-    [-0.158, 0.189, 0.264],    # channel 2: lime / purple
-    [-0.184, -0.271, -0.473],  # channel 3: pattern / structure (inverted)
-])
-
 
 def _check_image(image, name: str) -> Image.Image:
     if not isinstance(image, Image.Image):
@@ -45,13 +32,15 @@ def _check_image(image, name: str) -> Image.Image:
     return image
 
 
-def _resize(image: Image.Image, height: int | None, width: int | None, name: str) -> Image.Image:
-    """Resize to (width, height) if given (Lanczos, as diffusers); else the size must be a multiple of 8."""
+def _resize(image: Image.Image, height: int | None, width: int | None, name: str, multiple: int) -> Image.Image:
+    """Resize to (width, height) if given (Lanczos, as diffusers); else the size must be a multiple of
+    `multiple` (the VAE's downsampling factor: 8 for SD)."""
     if height is None and width is None:
         w, h = image.size
-        if w % 8 or h % 8:
-            raise ValueError(f"{name} is {w}x{h} pixels; width and height must be multiples of 8 "
-                             f"(pass height= and width= to resize it, e.g. {w // 8 * 8}x{h // 8 * 8})")
+        m = multiple
+        if w % m or h % m:
+            raise ValueError(f"{name} is {w}x{h} pixels; width and height must be multiples of {m} "
+                             f"(pass height= and width= to resize it, e.g. {w // m * m}x{h // m * m})")
         return image
     if height is None or width is None:
         raise ValueError(f"give both height and width to resize {name}, or neither (got {height=}, {width=})")
@@ -59,8 +48,9 @@ def _resize(image: Image.Image, height: int | None, width: int | None, name: str
 
 
 def from_pil(image: Image.Image, height: int | None = None, width: int | None = None,
-             name: str = "image") -> torch.Tensor:
-    """PIL image -> float32 (1, 3, H, W) in [-1, 1], resized to height x width if given.
+             name: str = "image", multiple: int = 8) -> torch.Tensor:
+    """PIL image -> float32 (1, 3, H, W) in [-1, 1], resized to height x width if given (else its
+    sides must be multiples of `multiple`, the VAE's downsampling factor).
 
     Grey, palette and RGBA images are converted to RGB (the alpha channel is dropped, with a log
     line); other modes (e.g. CMYK, 16-bit "I;16") are refused, as their colours would be guessed.
@@ -73,13 +63,13 @@ def from_pil(image: Image.Image, height: int | None = None, width: int | None = 
         if "A" in image.mode:
             log.info("%s: mode %s -> RGB, the alpha channel is ignored", name, image.mode)
         image = image.convert("RGB")
-    image = _resize(image, height, width, name)
+    image = _resize(image, height, width, name, multiple)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3) in [0, 1]
     return (2.0 * x - 1.0).permute(2, 0, 1)[None].contiguous()  # (1, 3, H, W) in [-1, 1]
 
 
 def mask_from_pil(mask: Image.Image, image_size: tuple[int, int], height: int | None = None,
-                  width: int | None = None, name: str = "mask") -> torch.Tensor:
+                  width: int | None = None, name: str = "mask", multiple: int = 8) -> torch.Tensor:
     """PIL mask -> float32 (1, 1, H, W) in {0, 1}: white (>= 0.5) is repainted, black is kept.
 
     The mask must have the image's size `image_size` = (width, height) in pixels: a mismatch is
@@ -90,7 +80,7 @@ def mask_from_pil(mask: Image.Image, image_size: tuple[int, int], height: int | 
     if mask.size != tuple(image_size):
         raise ValueError(f"{name} is {mask.size[0]}x{mask.size[1]} pixels but the image is "
                          f"{image_size[0]}x{image_size[1]}; they must match")
-    mask = _resize(mask, height, width, name)
+    mask = _resize(mask, height, width, name, multiple)
     m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)  # (H, W) in [0, 1]
     return (m >= 0.5).float()[None, None]  # (1, 1, H, W)
 
@@ -103,19 +93,21 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (x * 255).round().astype(np.uint8)]
 
 
-def latent_preview(latents: torch.Tensor, factors: torch.Tensor = LATENT_RGB_FACTORS) -> torch.Tensor:
-    """(B, 4, h, w) scaled latent (e.g. a step's x0_pred) -> (B, 3, h, w) RGB in about [-1, 1].
+def latent_preview(latents: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) scaled latent (e.g. a step's x0_pred) -> (B, 3, h, w) RGB in about [-1, 1].
 
-    One 4x3 matrix per pixel: thousands of times cheaper than the VAE decoder, at 1/8 resolution.
+    `factors` (C, 3) is the family's linear map (ldm.families: Family.preview_factors(), a published
+    least-squares fit for SD's 4 channels). One C x 3 matrix per pixel: thousands of times cheaper
+    than the VAE decoder, at the latent's resolution.
     """
     if latents.ndim != 4 or latents.shape[1] != factors.shape[0]:
         raise ValueError(f"latents has shape {tuple(latents.shape)}; expected (B, {factors.shape[0]}, h, w)")
     return torch.einsum("bchw,cr->brhw", latents.float(), factors.to(latents.device))
 
 
-def preview_pil(latents: torch.Tensor, scale: int = 1) -> list[Image.Image]:
+def preview_pil(latents: torch.Tensor, factors: torch.Tensor, scale: int = 1) -> list[Image.Image]:
     """latent_preview as PIL images, optionally enlarged `scale` times (nearest neighbour)."""
-    images = to_pil(latent_preview(latents))
+    images = to_pil(latent_preview(latents, factors))
     if scale > 1:
         images = [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for im in images]
     return images

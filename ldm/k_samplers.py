@@ -4,10 +4,12 @@ These samplers integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) 
 sigma-space latent x = x_0 + sigma eps, from sigma_max down to 0. The network was trained in DDPM
 space, so the denoiser D scales its input back and asks for eps at the matching timestep:
 
-    D(x; sigma) = x - sigma * eps_fn(x / sqrt(sigma^2 + 1), t(sigma))
+    D(x; sigma) = x - sigma * eps_fn(x / sqrt(sigma^2 + 1), t(sigma))      (an eps-predicting network)
 
-which is what diffusers' `scale_model_input` + interpolated timesteps do. Use them through
-`ldm.samplers.sample("euler", ...)`; this module holds the grids and the loops.
+which is what diffusers' `scale_model_input` + interpolated timesteps do; a v- or x0-predicting
+network is converted by ldm.sampler_common.predict_x0_eps, the one conversion every sampler uses.
+Use them through `ldm.samplers.sample("euler", ...)` (their registry entries are in ldm/samplers.py);
+this module holds the grids and the loops, and imports its helpers from ldm/sampler_common.py.
 
 Notation (shared with ldm/samplers.py):
 
@@ -17,7 +19,7 @@ Notation (shared with ldm/samplers.py):
     x             x              sigma-space latent x_0 + sigma eps (the DDPM latent / sqrt(alpha_bar))
     D(x; sigma)   x0_pred        the denoiser's estimate of x_0 ("denoised")
     d             d              ODE slope (x - D) / sigma, i.e. the predicted eps
-    eps_fn        eps_fn         the network: eps_fn(x_t, t) -> eps (or v for v-prediction)
+    eps_fn        eps_fn         the network: eps_fn(x_t, t) -> eps (or v, or x0: its prediction type)
 
 Every sampler takes the whole grid (t, sigmas) and a start index `start` (img2img skips the first
 steps), keeps any history it needs in local variables, and returns the final x (sigma = 0).
@@ -25,32 +27,14 @@ steps), keeps any history it needs in local variables, and returns the final x (
 from __future__ import annotations
 
 from math import prod
-from typing import Callable
 
 import torch
 from numpy.polynomial import Polynomial
 
+from ldm.sampler_common import Callback, EpsFn, StepHook, end_step, predict_x0_eps, randn  # noqa: F401 (re-exported)
 from ldm.schedule import Schedule, karras_sigmas
 
-__all__ = ["sigma_grid", "denoise", "end_step", "randn", "euler", "euler_ancestral", "heun", "lms", "lms_coefficient"]
-
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
-StepHook = Callable[[int, torch.Tensor], torch.Tensor] | None  # (i, x) -> the x to continue from
-
-
-def randn(shape, generator: torch.Generator | list[torch.Generator] | None, dtype: torch.dtype,
-          device: torch.device) -> torch.Tensor:
-    """N(0, I) drawn exactly as diffusers' randn_tensor does: on the generator's device, then moved.
-
-    A list of generators (one per batch row, as pipelines pass them) draws row b from generator[b].
-    """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: pass one per row")
-        return torch.cat([randn((1, *shape[1:]), g, dtype, device) for g in generator])
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
+__all__ = ["sigma_grid", "denoise", "euler", "euler_ancestral", "heun", "lms", "lms_coefficient"]
 
 
 def sigma_grid(schedule: Schedule, steps: int, spacing: str = "linspace", karras: bool = False):
@@ -68,24 +52,12 @@ def sigma_grid(schedule: Schedule, steps: int, spacing: str = "linspace", karras
     return t, sigmas
 
 
-def end_step(i: int, x: torch.Tensor, x0_pred: torch.Tensor, step_hook: StepHook, callback: Callback) -> torch.Tensor:
-    """What every sampler does after step i: the step hook may replace x (plain-SD inpainting puts
-    the known region back there), then the callback sees the result and the x_0 estimate."""
-    if step_hook is not None:
-        x = step_hook(i, x)
-    if callback is not None:
-        callback(i, x, x0_pred)
-    return x
-
-
 def denoise(eps_fn: EpsFn, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor,
-            prediction_type: str = "epsilon") -> torch.Tensor:
-    """D(x; sigma): one network call on the scaled input, converted to an x_0 estimate."""
+            prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+    """(D(x; sigma), d): one network call on the scaled input, as an x_0 estimate and the ODE slope
+    d = (x - D) / sigma (the eps estimate), through ldm.sampler_common.predict_x0_eps."""
     model_out = eps_fn(x / ((sigma**2 + 1) ** 0.5), t.to(x.device))  # DDPM-space input sqrt(alpha_bar) x
-    if prediction_type == "epsilon":
-        return x - sigma * model_out
-    # v-prediction (Salimans & Ho 2022): v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0
-    return model_out * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+    return predict_x0_eps(model_out, x, prediction_type, alpha=None, sigma=sigma)
 
 
 def euler(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0,
@@ -94,8 +66,7 @@ def euler(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor,
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 with S_churn = 0)."""
     for i in range(start, len(t)):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0_pred = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i)
-        d = (x - x0_pred) / sigma  # 2. slope dx/dsigma
+        x0_pred, d = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i), 2. slope dx/dsigma
         x = x + d * (sigma_next - sigma)  # 3. x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d
         x = end_step(i, x, x0_pred, step_hook, callback)
     return x
@@ -110,10 +81,10 @@ def euler_ancestral(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: tor
     """
     for i in range(start, len(t)):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0_pred = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i)
+        x0_pred, d = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i) and its slope d
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5  # 2. split sigma_next
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-        d = (x - x0_pred) / sigma  # 3. deterministic Euler step to sigma_down
+        # 3. deterministic Euler step to sigma_down
         x = x + d * (sigma_down - sigma)
         noise = randn(x0_pred.shape, generator, x0_pred.dtype, x.device)  # 4. fresh noise, even at the end
         x = x + noise * sigma_up
@@ -130,15 +101,13 @@ def heun(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, 
     """
     for i in range(start, len(t)):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0_pred = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i)
-        d = (x - x0_pred) / sigma  # 2. slope at sigma_i
+        x0_pred, d = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i), 2. slope at sigma_i
         dt = sigma_next - sigma
         if sigma_next == 0:  # 3a. last step: Euler
             x = x + d * dt
         else:  # 3b. Euler predictor, then the trapezoid corrector with the slope at sigma_{i+1}
             x_euler = x + d * dt
-            x0_next = denoise(eps_fn, x_euler, sigma_next, t[i + 1], prediction_type)
-            d_next = (x_euler - x0_next) / sigma_next
+            _, d_next = denoise(eps_fn, x_euler, sigma_next, t[i + 1], prediction_type)
             x = x + (d + d_next) / 2 * dt
         x = end_step(i, x, x0_pred, step_hook, callback)
     return x
@@ -166,8 +135,8 @@ def lms(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *
     ds: list[torch.Tensor] = []  # slopes d_i, d_{i-1}, ... newest first
     for i in range(start, len(t)):
         sigma = sigmas[i]
-        x0_pred = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i)
-        ds = [(x - x0_pred) / sigma] + ds[: order - 1]  # 2. slope history, newest first
+        x0_pred, d = denoise(eps_fn, x, sigma, t[i], prediction_type)  # 1. D(x_i; sigma_i) and its slope
+        ds = [d] + ds[: order - 1]  # 2. slope history, newest first
         hist = [float(sigmas[i - j]) for j in range(len(ds))]  # 3. the nodes sigma_i, sigma_{i-1}, ...
         coeffs = [lms_coefficient(hist, k, float(sigma), float(sigmas[i + 1])) for k in range(len(ds))]
         x = x + sum(c * d for c, d in zip(coeffs, ds))  # 4. x_{i+1}

@@ -25,7 +25,12 @@ and ldm.samplers.sample, which owns the loop. This file adds what sits around th
    VAE kept in float32 under fp16 (SD's VAE decoder overflows fp16 into black/NaN images). A
    non-finite latent or image raises NonFiniteError instead of producing a black picture.
 6. Memory: images are decoded one at a time, in tiles when larger than 512x512 (tile=None).
-7. Adapters and prompts: pipe.load_lora(path, weight) merges a LoRA (ldm.lora; pipe.unload_loras()
+7. Options: every keyword of generate / img2img / inpaint is a field of ldm.options.Options, checked
+   in one place (ldm.options.check) before any work; the family record (ldm.families) supplies the
+   tokenizer, the schedule, the prediction type (eps or v, which flows to the sampler) and the
+   preview colours, and a diffusers folder's scheduler config its prediction type, timestep spacing
+   and steps offset. ldm.load(..., prediction_type=) and the prediction_type= option override them.
+8. Adapters and prompts: pipe.load_lora(path, weight) merges a LoRA (ldm.lora; pipe.unload_loras()
    restores the weights bit for bit), pipe.load_embedding(path) adds a textual-inversion word
    (ldm.prompt); prompt_syntax="a1111" reads prompts as AUTOMATIC1111 does (weights, BREAK, no
    75-token limit) and clip_skip=N takes the N-th layer from the end. The PNG text records all four
@@ -36,27 +41,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import re
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm import checkpoint, images as imgs, lora as lora_files, prompt as prompt_syntaxes, samplers, weights
-from ldm.k_samplers import randn
+from ldm import checkpoint, families, images as imgs, lora as lora_files, options as opts_mod
+from ldm import prompt as prompt_syntaxes, samplers, weights
+from ldm.families import Family
+from ldm.options import PROMPT_SYNTAXES, Options
+from ldm.sampler_common import check_prediction_type, randn
 from ldm.schedule import Schedule
 from ldm.tokenizer import CLIPTokenizer
 
-__all__ = ["load", "Pipeline", "Result", "LoadedLoRA", "NonFiniteError", "default_device_dtype", "cpu_has_native_bf16", "PROMPT_SYNTAXES"]
+__all__ = ["load", "Pipeline", "Result", "Options", "LoadedLoRA", "NonFiniteError", "default_device_dtype",
+           "cpu_has_native_bf16", "PROMPT_SYNTAXES"]
 
 log = logging.getLogger(__name__)
 
 AUTO_TILE_LATENT = 64  # tile the VAE decode above 64x64 latents (512x512 pixels), tiles of this size
-PREVIEWS = (None, "cheap", "vae")
-PROMPT_SYNTAXES = ("plain", "a1111")  # plain: the tokenizer's 75 tokens, as diffusers; a1111: ldm.prompt
 
 
 class NonFiniteError(FloatingPointError):
@@ -121,17 +126,11 @@ class Result:
     """What a generation returns. `latents` and `x0_preds` are float32 UNet-space (scaled) latents."""
 
     images: list[Image.Image]
-    latents: torch.Tensor                  # (B, 4, h, w) the final latent
-    x0_preds: list[torch.Tensor]           # per step: (B, 4, h, w) the step's x0 estimate
+    latents: torch.Tensor                  # (B, C, h, w) the final latent (C = 4 for SD)
+    x0_preds: list[torch.Tensor]           # per step: (B, C, h, w) the step's x0 estimate
     previews: list[list[Image.Image]]      # per step, per image (empty unless previews= was set)
     seeds: list[int]                       # per image
     parameters: list[str]                  # per image: the PNG "parameters" text
-
-
-def _check_guidance(guidance):
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance) \
-            or guidance < 0:
-        raise ValueError(f"guidance={guidance!r} must be a finite number >= 0 (1: no guidance; SD uses ~7.5)")
 
 
 def _prompt_list(prompt, name: str = "prompt") -> list[str]:
@@ -164,19 +163,29 @@ def _uses(word: str, *texts: str) -> bool:
 
 
 class Pipeline:
-    """tokenizer + text_encoder + unet + vae + schedule, on one device. Build it with ldm.load."""
+    """tokenizer + text_encoder + unet + vae + schedule, on one device. Build it with ldm.load.
+
+    family: its record in ldm.families (or the name of one). prediction_type: what the UNet predicts
+    (default: the family's). spacing: the default timestep spacing of every sampler (default None:
+    each sampler's own; a diffusers folder's scheduler config may set it).
+    """
 
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder, unet, vae, schedule: Schedule | None = None,
-                 name: str = "", family: str = "sd1"):
+                 name: str = "", family: str | Family = "sd1", prediction_type: str | None = None,
+                 spacing: str | None = None):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
-        self.schedule = schedule or Schedule.sd1()
-        self.name, self.family = name, family
+        self.family = families.get(family)
+        self.schedule = schedule or self.family.schedule()
+        self.name = name
+        self.prediction_type = check_prediction_type(prediction_type or self.family.prediction_type)
+        self.spacing = spacing
         self.loras: list[LoadedLoRA] = []  # in the order loaded; unload_loras() takes them all off
         self.embeddings: list[prompt_syntaxes.Embedding] = []
 
     def __repr__(self) -> str:
-        return (f"Pipeline({self.name!r}, family={self.family}, device={self.device}, unet {self.dtype}, "
-                f"vae {self.vae_dtype}, unet in_channels={self.unet.cfg.in_channels})")
+        return (f"Pipeline({self.name!r}, family={self.family.name}, predicts {self.prediction_type}, "
+                f"device={self.device}, unet {self.dtype}, vae {self.vae_dtype}, "
+                f"unet in_channels={self.unet.cfg.in_channels})")
 
     @property
     def device(self) -> torch.device:
@@ -191,9 +200,15 @@ class Pipeline:
         return next(self.vae.parameters()).dtype
 
     @property
+    def latent_channels(self) -> int:
+        """Channels of the latent the UNet denoises: the VAE's embed_dim (4 for SD)."""
+        return self.vae.cfg.embed_dim
+
+    @property
     def is_inpainting(self) -> bool:
-        """True for an SD 1.5 inpainting checkpoint: the UNet takes 4 + 1 + 4 = 9 input channels."""
-        return self.unet.cfg.in_channels == 9
+        """True for an inpainting UNet (SD 1.5 inpainting): it takes the latent, the mask and the
+        masked image's latent, 4 + 1 + 4 = 9 input channels."""
+        return self.unet.cfg.in_channels == 2 * self.latent_channels + 1
 
     @property
     def min_size(self) -> int:
@@ -206,16 +221,12 @@ class Pipeline:
         factor (512 for SD 1.x, 64 for ldm's shipped shapes model)."""
         return self.unet.cfg.sample_size * self.vae.cfg.downsample_factor
 
-    def _latent_shape(self, height: int, width: int) -> tuple[int, int]:
-        f = self.vae.cfg.downsample_factor
-        return height // f, width // f
-
-    def _check_size(self, height, width):
-        m, lo = self.vae.cfg.downsample_factor, self.min_size
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo or v % m:
-                raise ValueError(f"{name}={v!r} must be a multiple of {m} pixels (the VAE's downsampling) "
-                                 f"and at least {lo} (one latent pixel at the UNet's deepest level)")
+    def check_prediction_type(self, prediction_type: str | None) -> str:
+        """The prediction type a run uses: this pipeline's, or an override the family allows (or the one
+        the file itself stated); a one-line ValueError naming the allowed values otherwise."""
+        if prediction_type is None or prediction_type == self.prediction_type:
+            return self.prediction_type
+        return self.family.check_prediction_type(prediction_type)
 
     # ---- adapters ---------------------------------------------------------------------------
     def load_lora(self, path, weight: float = 1.0, *, merge: bool = True, strict: bool = True) -> LoadedLoRA:
@@ -249,35 +260,31 @@ class Pipeline:
         """prompts -> context in the UNet's dtype: (B, 77, C) on the plain path (a long prompt warns with
         what is dropped); (B, 77 n, C) with prompt_syntax="a1111", n = the most 75-token chunks a prompt
         needs (ldm.prompt.encode). clip_skip counts as A1111's: 1 = the last layer, 2 = the one before."""
-        if prompt_syntax not in PROMPT_SYNTAXES:
-            raise ValueError(f"prompt_syntax={prompt_syntax!r} must be one of {PROMPT_SYNTAXES}")
+        opts_mod.check_prompt_options(clip_skip, prompt_syntax, self.text_encoder.config.num_hidden_layers)
         if prompt_syntax == "a1111":
             return prompt_syntaxes.encode(prompts, self.tokenizer, self.text_encoder, clip_skip=clip_skip).to(self.dtype)
-        L = self.text_encoder.config.num_hidden_layers
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= L:
-            raise ValueError(f"clip_skip={clip_skip!r} must be an int in [1, {L}] "
-                             "(A1111's count: 1 = the last layer, 2 = the one before)")
         ids = self.tokenizer(prompts).to(self.device)  # (B, 77)
         return self.text_encoder(ids, clip_skip=clip_skip - 1).to(self.dtype)  # (B, 77, C)
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """(1, 3, H, W) in [-1, 1] -> (len(generators), 4, H/8, W/8) float32 latents, one posterior
-        draw per generator, times the VAE's scaling factor (diffusers' retrieve_latents, sample mode)."""
+        """(1, 3, H, W) in [-1, 1] -> (len(generators), C, H/f, W/f) float32 latents (SD: C = 4, f = 8),
+        one posterior draw per generator, times the VAE's scaling factor (diffusers' retrieve_latents,
+        sample mode)."""
         posterior = self.vae.encode(image.to(self.device, self.vae_dtype))
-        z = torch.cat([posterior.sample(g) for g in generators])  # (B, 4, h, w)
+        z = torch.cat([posterior.sample(g) for g in generators])  # (B, C, h, w)
         return (z * self.vae.cfg.scaling_factor).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile: bool | None = None) -> torch.Tensor:
-        """(B, 4, h, w) scaled latents -> (B, 3, H, W) float32 images in [-1, 1], one image at a time.
+        """(B, C, h, w) scaled latents -> (B, 3, H, W) float32 images in [-1, 1], one image at a time.
 
         tile=None tiles above AUTO_TILE_LATENT latents a side (512 pixels); NaN/inf raise NonFiniteError.
         """
         check_finite(latents, "the latent", self.dtype)
         out = []
         for b, z in enumerate(latents.split(1)):  # one at a time: peak memory of one decode
-            z = (z / self.vae.cfg.scaling_factor).to(self.device, self.vae_dtype)  # (1, 4, h, w), unscaled
+            z = (z / self.vae.cfg.scaling_factor).to(self.device, self.vae_dtype)  # (1, C, h, w), unscaled
             big = max(z.shape[-2:]) > AUTO_TILE_LATENT
             if tile or (tile is None and big):
                 x = self.vae.decode_tiled(z, tile_size=AUTO_TILE_LATENT, overlap=AUTO_TILE_LATENT // 4)
@@ -287,17 +294,18 @@ class Pipeline:
         return torch.cat(out)  # (B, 3, H, W)
 
     def eps_fn(self, context: torch.Tensor, guidance: float, extra: torch.Tensor | None = None):
-        """The network as the samplers call it: eps_fn(x, t) -> guided eps, float32.
+        """The network as the samplers call it: eps_fn(x, t) -> the guided output, float32: eps, or v for a
+        v-prediction model (guidance is linear, so it combines either the same way; the sampler converts).
 
-        context: (2B, 77, C) [uncond; cond] when guiding, (B, 77, C) otherwise. extra: the 9-channel
-        UNet's (B, 5, h, w) mask + masked-image latent, appended to x's channels (never scaled).
+        context: (2B, 77, C) [uncond; cond] when guiding, (B, 77, C) otherwise. extra: an inpainting
+        UNet's (B, 1 + C, h, w) mask + masked-image latent, appended to x's channels (never scaled).
         """
         guided = guidance != 1.0
 
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = torch.cat([x, x]) if guided else x  # (2B or B, 4, h, w)
+            x_in = torch.cat([x, x]) if guided else x  # (2B or B, C, h, w)
             if extra is not None:
-                x_in = torch.cat([x_in, torch.cat([extra, extra]) if guided else extra], dim=1)  # 9 channels
+                x_in = torch.cat([x_in, torch.cat([extra, extra]) if guided else extra], dim=1)  # 2C + 1 channels
             out = self.unet(x_in.to(self.dtype), t, context).float()
             if not guided:
                 return out
@@ -307,161 +315,138 @@ class Pipeline:
         return eps
 
     # ---- generation -------------------------------------------------------------------------
+    # The keywords of generate / img2img / inpaint / __call__ are the fields of ldm.options.Options
+    # (steps, scheduler, guidance, seed, negative_prompt, num_images, spacing, karras, eta,
+    # prediction_type, clip_skip, prompt_syntax, previews, tile, progress, callback).
     def __call__(self, prompt, **kwargs) -> list[Image.Image]:
         """The images of generate(prompt, **kwargs)."""
         return self.generate(prompt, **kwargs).images
 
     def generate(self, prompt, *, height: int | None = None, width: int | None = None, **kwargs) -> Result:
-        """Text to image. height/width default to default_size; other keywords: see _run (steps,
-        scheduler, guidance, seed, negative_prompt, ...)."""
-        height = self.default_size if height is None else height
-        width = self.default_size if width is None else width
+        """Text to image. height/width default to default_size; other keywords: ldm.options.Options."""
+        opts = Options.from_kwargs(kwargs, height=self.default_size if height is None else height,
+                                   width=self.default_size if width is None else width)
         if self.is_inpainting:
             raise ValueError("this is an inpainting checkpoint (9-channel UNet): use pipe.inpaint(prompt, "
                              "image, mask) or `ldm inpaint`, or load a plain SD 1.x checkpoint")
-        self._check_size(height, width)
-        return self._run(prompt, mode="txt2img", shape=self._latent_shape(height, width), **kwargs)
+        return self._run(prompt, "txt2img", opts)
 
     def img2img(self, prompt, image: Image.Image, *, strength: float = 0.75, height: int | None = None,
                 width: int | None = None, **kwargs) -> Result:
         """Image to image: `strength` 1 redraws from (almost) pure noise, 0 returns the image as the VAE sees it."""
         if self.is_inpainting:
             raise ValueError("img2img needs a plain SD 1.x checkpoint, not an inpainting one (9-channel UNet)")
-        x = imgs.from_pil(image, height, width)  # (1, 3, H, W)
-        self._check_size(x.shape[2], x.shape[3])
-        return self._run(prompt, mode="img2img", shape=self._latent_shape(x.shape[2], x.shape[3]), image=x,
-                         strength=strength, **kwargs)
+        x = imgs.from_pil(image, height, width, multiple=self.vae.cfg.downsample_factor)  # (1, 3, H, W)
+        opts = Options.from_kwargs(kwargs, strength=strength, height=x.shape[2], width=x.shape[3])
+        return self._run(prompt, "img2img", opts, image=x)
 
     def inpaint(self, prompt, image: Image.Image, mask: Image.Image, *, strength: float = 1.0,
                 height: int | None = None, width: int | None = None, **kwargs) -> Result:
         """Repaint the white part of `mask` (same size as image); keep the black part."""
-        x = imgs.from_pil(image, height, width)  # (1, 3, H, W)
-        self._check_size(x.shape[2], x.shape[3])
-        m = imgs.mask_from_pil(mask, image.size, height, width)  # (1, 1, H, W)
-        return self._run(prompt, mode="inpaint", shape=self._latent_shape(x.shape[2], x.shape[3]), image=x, mask=m,
-                         strength=strength, **kwargs)
+        f = self.vae.cfg.downsample_factor
+        x = imgs.from_pil(image, height, width, multiple=f)  # (1, 3, H, W)
+        opts = Options.from_kwargs(kwargs, strength=strength, height=x.shape[2], width=x.shape[3])
+        m = imgs.mask_from_pil(mask, image.size, height, width, multiple=f)  # (1, 1, H, W)
+        return self._run(prompt, "inpaint", opts, image=x, mask=m)
 
     @torch.no_grad()
-    def _run(self, prompt, *, mode: str, shape: tuple[int, int], negative_prompt: str | list[str] = "",
-             steps: int = 25, scheduler: str = "euler", guidance: float = 7.5, seed: int | list[int] | None = None,
-             num_images: int = 1, callback: Callable | None = None, progress: bool = True,
-             previews: str | None = None, tile: bool | None = None, spacing: str | None = None,
-             karras: bool = False, eta: float = 0.0, image: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None, strength: float = 1.0, clip_skip: int = 1,
-             prompt_syntax: str = "plain") -> Result:
-        """The shared loop. seed: int (image b gets seed + b), a list (one per image) or None (random).
-        callback(i, x, x0_pred) after each step; previews: None, "cheap" (linear RGB map) or "vae".
-        clip_skip, prompt_syntax: see encode_prompt."""
+    def _run(self, prompt, mode: str, opts: Options, image: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> Result:
+        """The shared loop: check the options (ldm.options.check), encode the prompts, draw the noise,
+        run the sampler with the pipeline's prediction type, decode. image (1, 3, H, W) in [-1, 1] and
+        mask (1, 1, H, W) in {0, 1} for img2img / inpaint."""
         prompts = _prompt_list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) \
-            else _prompt_list(negative_prompt, "negative_prompt")
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts; "
-                             f"give one str or one per prompt")
-        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
-            raise ValueError(f"num_images={num_images!r} must be an integer >= 1 (images per prompt)")
-        _check_guidance(guidance)
-        if scheduler not in samplers.SAMPLERS:
-            raise ValueError(f"scheduler={scheduler!r} is unknown; valid: {', '.join(samplers.SAMPLERS)}")
-        if previews not in PREVIEWS:
-            raise ValueError(f"previews={previews!r} must be one of {PREVIEWS}")
-        self.schedule.check_steps(steps)
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength={strength!r} is outside [0, 1]: 1 redraws everything, 0 nothing")
-        B = len(prompts) * num_images
-        seeds = self._seeds(seed, B)
+        o = opts_mod.check(opts, self, mode, len(prompts))  # every option checked, defaults filled in
+        negatives = [o.negative_prompt] * len(prompts) if isinstance(o.negative_prompt, str) else list(o.negative_prompt)
+        B = len(prompts) * o.num_images
+        seeds = self._seeds(o.seed, B)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # one per image, on the CPU
-        h, w = shape
-        spacing = spacing or samplers.DEFAULT_SPACING[scheduler]
+        f, C = self.vae.cfg.downsample_factor, self.latent_channels  # SD: 8 pixels per latent, 4 channels
+        h, w = o.height // f, o.width // f
 
         # 1. text -> context, prompt b repeated num_images times: (B, 77, C), or (2B, ...) [uncond; cond]
         #    (77 n tokens with prompt_syntax="a1111": prompts and negatives encoded together, so that
         #    both have the same number of chunks)
-        texts = prompts + negatives if guidance != 1.0 else prompts
-        encoded = self.encode_prompt(texts, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
-        cond = encoded[:len(prompts)].repeat_interleave(num_images, dim=0)
+        texts = prompts + negatives if o.guidance != 1.0 else prompts
+        encoded = self.encode_prompt(texts, clip_skip=o.clip_skip, prompt_syntax=o.prompt_syntax)
+        cond = encoded[:len(prompts)].repeat_interleave(o.num_images, dim=0)
         context = cond
-        if guidance != 1.0:
-            uncond = encoded[len(prompts):].repeat_interleave(num_images, dim=0)
+        if o.guidance != 1.0:
+            uncond = encoded[len(prompts):].repeat_interleave(o.num_images, dim=0)
             context = torch.cat([uncond, cond])
 
         # 2. the image's latents and the starting noise, drawn from the generators in diffusers' order
         init, extra, hook = None, None, None
         if mode == "img2img":
-            init = self.encode_image(image, generators)  # (B, 4, h, w): one posterior draw per image
-        elif mode == "inpaint" and (not self.is_inpainting or strength < 1.0):
+            init = self.encode_image(image, generators)  # (B, C, h, w): one posterior draw per image
+        elif mode == "inpaint" and (not self.is_inpainting or o.strength < 1.0):
             init = self.encode_image(image, generators[:1]).expand(B, -1, -1, -1)  # diffusers: generator 0
-        C = self.vae.cfg.embed_dim  # latent channels: 4 for SD
         noise = randn((B, C, h, w), generators, torch.float32, self.device)  # N(0, I)
         if mode == "inpaint":
             mask_lat = torch.nn.functional.interpolate(mask, size=(h, w)).to(self.device)  # (1, 1, h, w) nearest
-            if self.is_inpainting:  # 9 channels: mask + latent of the image with the repainted part blacked out
-                masked = self.encode_image(image * (mask < 0.5), generators[:1])  # (1, 4, h, w)
+            if self.is_inpainting:  # mask + latent of the image with the repainted part blacked out
+                masked = self.encode_image(image * (mask < 0.5), generators[:1])  # (1, C, h, w)
                 extra = torch.cat([mask_lat, masked], dim=1).expand(B, -1, -1, -1).to(self.dtype)
-            else:  # 4 channels: paste the known region back after every step, noised to the next level
+            else:  # a plain UNet: paste the known region back after every step, noised to the next level
                 torch.randn((1, C, h, w), generator=generators[0], dtype=self.vae_dtype)  # diffusers encodes the
-                # masked image here too (unused with 4 channels): draw its numbers to stay in step with it
-                hook = self._blend_hook(scheduler, steps, spacing, karras, init, noise, mask_lat)
-            if strength == 1.0:
+                # masked image here too (unused with a plain UNet): draw its numbers to stay in step with it
+                hook = self._blend_hook(o, init, noise, mask_lat)
+            if o.strength == 1.0:
                 init = None  # start from pure noise (diffusers' inpainting does, unlike its img2img)
 
         # 3. the denoising loop (ldm.samplers), with the callback, previews and a progress bar
-        start = samplers.img2img_start_step(steps, strength) if init is not None else 0
+        start = samplers.img2img_start_step(o.steps, o.strength) if init is not None else 0
         x0_preds, previews_out = [], []
-        bar = tqdm(total=steps - start, disable=not progress, desc=mode, unit="step")
+        bar = tqdm(total=o.steps - start, disable=not o.progress, desc=mode, unit="step")
 
         def on_step(i, x, x0_pred):
             x0_preds.append(x0_pred.float())
-            if previews == "cheap":
-                previews_out.append(imgs.to_pil(imgs.latent_preview(x0_pred)))
-            elif previews == "vae":
-                previews_out.append(imgs.to_pil(self.decode(x0_pred, tile)))
-            if callback is not None:
-                callback(i, x, x0_pred)
+            if o.previews == "cheap":
+                previews_out.append(imgs.to_pil(imgs.latent_preview(x0_pred, self.family.preview_factors())))
+            elif o.previews == "vae":
+                previews_out.append(imgs.to_pil(self.decode(x0_pred, o.tile)))
+            if o.callback is not None:
+                o.callback(i, x, x0_pred)
             bar.update()
 
         try:
             latents = samplers.sample(
-                scheduler, self.eps_fn(context, guidance, extra), noise, steps, self.schedule,
-                generator=generators, callback=on_step, spacing=spacing, karras=karras, eta=eta,
-                init=init, strength=strength if init is not None else 1.0, step_hook=hook)
+                o.scheduler, self.eps_fn(context, o.guidance, extra), noise, o.steps, self.schedule,
+                generator=generators, callback=on_step, spacing=o.spacing, karras=o.karras, eta=o.eta,
+                prediction_type=o.prediction_type, init=init, strength=o.strength if init is not None else 1.0,
+                step_hook=hook)
         finally:
             bar.close()
         check_finite(latents, "the final latent", self.dtype)
 
         # 4. decode, and the PNG text of each image
-        pil = imgs.to_pil(self.decode(latents, tile))
-        f = self.vae.cfg.downsample_factor
-        size = f"{w * f}x{h * f}"
+        pil = imgs.to_pil(self.decode(latents, o.tile))
         params = [imgs.parameters_text(
-            prompts[b // num_images] + "".join(f" <lora:{lo.name}:{lo.weight:g}>" for lo in self.loras),
-            negatives[b // num_images], steps=steps, sampler=scheduler,
-            cfg_scale=guidance, seed=seeds[b], size=size, model=self.name or None,
-            denoising_strength=strength if mode != "txt2img" else None,
-            clip_skip=clip_skip if clip_skip != 1 else None,
+            prompts[b // o.num_images] + "".join(f" <lora:{lo.name}:{lo.weight:g}>" for lo in self.loras),
+            negatives[b // o.num_images], steps=o.steps, sampler=o.scheduler,
+            cfg_scale=o.guidance, seed=seeds[b], size=f"{o.width}x{o.height}", model=self.name or None,
+            denoising_strength=o.strength if mode != "txt2img" else None,
+            clip_skip=o.clip_skip if o.clip_skip != 1 else None,
             lora_hashes=_hashes((lo.name, lo.hash) for lo in self.loras),
             ti_hashes=_hashes((e.name, imgs.short_hash(e.path)) for e in self.embeddings
-                              if _uses(e.name, prompts[b // num_images], negatives[b // num_images])),
-            prompt_syntax=prompt_syntax if prompt_syntax != "plain" else None, mode=mode) for b in range(B)]
+                              if _uses(e.name, prompts[b // o.num_images], negatives[b // o.num_images])),
+            prompt_syntax=o.prompt_syntax if o.prompt_syntax != "plain" else None, mode=mode) for b in range(B)]
         return Result(pil, latents, x0_preds, previews_out, seeds, params)
 
     def _seeds(self, seed, B: int) -> list[int]:
+        """One seed per image (seed was checked by ldm.options.check): seed + b, the list, or random."""
         if seed is None:
             seed = int(torch.randint(0, 2**31 - B, ()))
         if isinstance(seed, (list, tuple)):
-            if len(seed) != B or not all(isinstance(s, int) for s in seed):
-                raise ValueError(f"seed={seed!r}: a list needs one int per image ({B})")
             return list(seed)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63 - B:
-            raise ValueError(f"seed={seed!r} must be a non-negative int (or a list of ints, one per image)")
         return [seed + b for b in range(B)]
 
-    def _blend_hook(self, scheduler, steps, spacing, karras, init, noise, mask_lat):
+    def _blend_hook(self, o: Options, init, noise, mask_lat):
         """Plain-SD inpainting: after step i, x = mask * x + (1 - mask) * (init noised to step i + 1)."""
-        t, sigmas = samplers.sampler_grid(scheduler, self.schedule, steps, spacing, karras)
+        t, sigmas = samplers.sampler_grid(o.scheduler, self.schedule, o.steps, o.spacing, o.karras)
 
         def hook(i: int, x: torch.Tensor) -> torch.Tensor:
-            known = samplers.noised_latent(scheduler, init, noise, i + 1, t, sigmas, self.schedule)
+            known = samplers.noised_latent(o.scheduler, init, noise, i + 1, t, sigmas, self.schedule)
             return (1 - mask_lat) * known + mask_lat * x
 
         return hook
@@ -469,8 +454,8 @@ class Pipeline:
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None, vae_dtype: torch.dtype | None = None,
-         attention_backend: str = "auto") -> Pipeline:
-    """A Pipeline from an SD 1.x single file (.safetensors / .ckpt) or a diffusers folder.
+         attention_backend: str = "auto", prediction_type: str | None = None) -> Pipeline:
+    """A Pipeline from a single file (.safetensors / .ckpt) or a diffusers folder of a supported family.
 
     path: default ldm.weights.default_checkpoint(): a real checkpoint ($LDM_CHECKPOINT, weights/)
     if there is one, else the small shapes model ldm ships (the log says which, in one line).
@@ -479,6 +464,12 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     "auto" also takes bf16 for the UNet and text encoder on a CPU with native bf16 (AVX512-BF16, AMX).
     vae_dtype: default float32 when dtype is fp16 or "auto" (the SD VAE overflows fp16), else dtype.
     attention_backend: the UNet's ("auto", "math", "sdpa", "triton"; see ldm.attention).
+    prediction_type: what the UNet predicts, default the file's (a diffusers folder's scheduler config)
+    or its family's (ldm.families); an override must be one the family allows.
+
+    The family record also gives the tokenizer and the schedule; a diffusers folder's scheduler config
+    sets the schedule's steps_offset and the default timestep spacing (each generation's spacing=
+    overrides it; pipe.schedule is a plain attribute).
     """
     if path is None:
         path, why = weights.default_checkpoint()
@@ -488,8 +479,18 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     if vae_dtype is None:
         vae_dtype = torch.float32 if dtype == torch.float16 or auto else dtype
     ck = checkpoint.read(path)
+    family = ck.record
+    predicts = ck.prediction_type  # the file's (its folder's scheduler config) or its family's
+    if prediction_type is not None and prediction_type != predicts:  # checked before seconds of building
+        predicts = family.check_prediction_type(prediction_type)
     text_encoder, unet, vae = weights.build(ck)  # on the CPU in the file's dtype, then cast once each
     text_encoder, unet, vae = text_encoder.to(device, dtype), unet.to(device, dtype), vae.to(device, vae_dtype)
     unet.attention_backend = attention_backend
-    log.info("loaded %s (%s) on %s: unet %s, vae %s", path, ck.family, device, dtype, vae_dtype)
-    return Pipeline(CLIPTokenizer(), text_encoder, unet, vae, Schedule.sd1(), name=Path(path).stem, family=ck.family)
+    schedule = family.schedule()
+    if "steps_offset" in ck.scheduler:
+        schedule = dataclasses.replace(schedule, steps_offset=ck.scheduler["steps_offset"])
+    pipe = Pipeline(family.tokenizer(), text_encoder, unet, vae, schedule, name=Path(path).stem, family=family,
+                    prediction_type=predicts, spacing=ck.scheduler.get("timestep_spacing"))
+    log.info("loaded %s (%s, predicts %s) on %s: unet %s, vae %s", path, ck.family, pipe.prediction_type, device,
+             dtype, vae_dtype)
+    return pipe

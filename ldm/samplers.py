@@ -4,17 +4,26 @@
     sched = schedule.Schedule.sd1()
     x0 = samplers.sample("euler", eps_fn, noise, steps=25, schedule=sched, generator=g)
 
-`eps_fn(x_t, t) -> eps` is the network in DDPM parametrisation (x_t = sqrt(alpha_bar_t) x_0 +
+`eps_fn(x_t, t) -> out` is the network in DDPM parametrisation (x_t = sqrt(alpha_bar_t) x_0 +
 sqrt(1 - alpha_bar_t) eps), with t a 0-dim float32 tensor (fractional for the sigma-space
-samplers). It returns v instead of eps when prediction_type="v_prediction" (SD 2.x). `noise` is the
-standard-normal draw; `sample` multiplies it by the sampler's initial sigma itself. Each sampler
-passes eps_fn exactly the (x, t) sequence that diffusers' pipeline passes its UNet for the matching
-scheduler (configured as SD 1.x configures it), and draws its random noise from `generator` in the
-same order, shapes and dtypes, so results match diffusers step for step.
+samplers). `out` is what the network was trained to predict, its `prediction_type`: eps
+("epsilon", SD 1.x), v ("v_prediction", SD 2.x 768-v) or x_0 ("sample"); every sampler converts it
+with ldm.sampler_common.predict_x0_eps, written once. `noise` is the standard-normal draw; `sample`
+multiplies it by the sampler's initial sigma itself. Each sampler passes eps_fn exactly the (x, t)
+sequence that diffusers' pipeline passes its UNet for the matching scheduler (configured as SD 1.x
+configures it), and draws its random noise from `generator` in the same order, shapes and dtypes,
+so results match diffusers step for step.
 
 This file holds the DDPM-space samplers (the latent is x_t itself): DDIM, DDPM, PNDM/PLMS, DPM++ 2M,
-and LCM (the few-step sampler of latent consistency models and LCM-LoRA).
-The sigma-space ones (Euler, Euler ancestral, Heun, LMS) are in ldm/k_samplers.py.
+and LCM (the few-step sampler of latent consistency models and LCM-LoRA), and the registry of all
+of them. The sigma-space ones (Euler, Euler ancestral, Heun, LMS) are in ldm/k_samplers.py; the
+helpers both files use (the prediction conversion, noise draws, the step's end, the registry's
+entry type) are in ldm/sampler_common.py.
+
+Adding a sampler is one entry: write its loop (here, or in k_samplers.py if it works in sigma
+space) and add one `Sampler(...)` line to REGISTRY at the bottom of this file (name, space, default
+spacing, Karras allowed, the loop, its grid). `sample`, SAMPLERS, DEFAULT_SPACING, the pipeline's
+checks, the CLI's --scheduler choices and the tests that run every sampler all read the registry.
 
 Notation:
 
@@ -40,31 +49,21 @@ from __future__ import annotations
 import torch
 
 from ldm import k_samplers
-from ldm.k_samplers import Callback, EpsFn, StepHook, end_step, randn
+from ldm.sampler_common import (PREDICTION_TYPES, Callback, EpsFn, Sampler, StepHook, check_prediction_type,
+                                end_step, predict_x0_eps, randn)
 from ldm.schedule import SPACINGS, Schedule, img2img_start_step, karras_sigmas
 
-__all__ = ["SAMPLERS", "PREDICTION_TYPES", "DEFAULT_SPACING", "sample", "sampler_grid", "initial_latent",
-           "noised_latent", "ddim", "ddpm", "pndm", "dpmpp_2m", "lcm", "ddim_step", "ddpm_step", "pndm_transfer",
-           "predict_x0_eps", "lcm_timesteps", "lcm_boundary"]
+__all__ = ["REGISTRY", "SAMPLERS", "PREDICTION_TYPES", "DEFAULT_SPACING", "sample", "check", "sampler_grid",
+           "initial_latent", "noised_latent", "ddim", "ddpm", "pndm", "dpmpp_2m", "lcm", "ddim_step", "ddpm_step",
+           "pndm_transfer", "lcm_timesteps", "lcm_boundary"]
 
-SAMPLERS = ("ddim", "ddpm", "pndm", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "lcm")
-SIGMA_SPACE = ("euler", "euler_a", "heun", "lms")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-# diffusers' default spacing per scheduler (SD 1.x's config names none, so these apply)
-DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "pndm": "leading", "euler": "linspace",
-                   "euler_a": "linspace", "heun": "linspace", "lms": "linspace", "dpmpp_2m": "linspace",
-                   "lcm": "leading"}  # LCM walks its own grid (lcm_timesteps) whatever the spacing, like diffusers
 LCM_ORIGINAL_STEPS = 50  # the grid LCM was distilled on: every T // 50-th timestep (diffusers' default)
 LCM_TIMESTEP_SCALING = 10.0
 
 
-
-def predict_x0_eps(model_out: torch.Tensor, x: torch.Tensor, ab_t: torch.Tensor, prediction_type: str):
-    """(x0_pred, eps) from the network output at x_t. eps: Ho et al. 2020 eq. 4 solved for x_0;
-    v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho 2022, sec. 4)."""
-    if prediction_type == "epsilon":
-        return (x - (1 - ab_t) ** 0.5 * model_out) / ab_t**0.5, model_out
-    return ab_t**0.5 * x - (1 - ab_t) ** 0.5 * model_out, ab_t**0.5 * model_out + (1 - ab_t) ** 0.5 * x
+def _vp(ab_t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The DDPM latent's coefficients at alpha_bar_t: x_t = alpha x0 + sigma eps (keywords of predict_x0_eps)."""
+    return {"alpha": ab_t**0.5, "sigma": (1 - ab_t) ** 0.5}
 
 
 # ---- DDIM ------------------------------------------------------------------------------------
@@ -88,7 +87,7 @@ def ddim(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, eta=0.0, generator=No
         ab_t = sched.alpha_bar[t_now]
         ab_prev = sched.alpha_bar[t_prev] if t_prev >= 0 else sched.alpha_bar_final
         out = eps_fn(x, t[i].float().to(x.device))
-        x0_pred, eps = predict_x0_eps(out, x, ab_t, prediction_type)
+        x0_pred, eps = predict_x0_eps(out, x, prediction_type, **_vp(ab_t))
         noise = randn(out.shape, generator, out.dtype, x.device) if eta > 0 else None
         x = ddim_step(x, eps, x0_pred, ab_t, ab_prev, eta, noise)
         x = end_step(i, x, x0_pred, step_hook, callback)
@@ -115,7 +114,7 @@ def ddpm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, generator=None,
         ab_t = sched.alpha_bar[t_now]
         ab_prev = sched.alpha_bar[int(t[i + 1])] if i + 1 < len(t) else torch.tensor(1.0)  # x_0 after the end
         out = eps_fn(x, t[i].float().to(x.device))
-        x0_pred, _ = predict_x0_eps(out, x, ab_t, prediction_type)
+        x0_pred, _ = predict_x0_eps(out, x, prediction_type, **_vp(ab_t))
         noise = randn(out.shape, generator, out.dtype, x.device) if t_now > 0 else None
         x = ddpm_step(x, x0_pred, ab_t, ab_prev, noise)
         x = end_step(i, x, x0_pred, step_hook, callback)
@@ -128,7 +127,7 @@ def pndm_transfer(x, model_out, ab_t, ab_prev, prediction_type="epsilon"):
 
     model_out is eps, or v (converted to eps here with x, as the reference does after combining v's).
     """
-    eps = model_out if prediction_type == "epsilon" else ab_t**0.5 * model_out + (1 - ab_t) ** 0.5 * x
+    eps = predict_x0_eps(model_out, x, prediction_type, **_vp(ab_t))[1]
     denom = ab_t * (1 - ab_prev) ** 0.5 + (ab_t * (1 - ab_t) * ab_prev) ** 0.5
     return (ab_prev / ab_t) ** 0.5 * x - (ab_prev - ab_t) * eps / denom
 
@@ -149,7 +148,7 @@ def pndm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, prediction_type="epsi
     for i in range(start, len(t)):
         t_now = int(t[i])
         out = eps_fn(x, t[i].float().to(x.device))  # 1. eps (or v) at (x_t, t)
-        x0_pred, _ = predict_x0_eps(out, x, ab(t_now), prediction_type)
+        x0_pred, _ = predict_x0_eps(out, x, prediction_type, **_vp(ab(t_now)))
         if i == start and i + 1 < len(t):  # 2a. warm-up: DDIM to t_{i+1}, output there, redo with the mean
             t_next = int(t[i + 1])
             x_ddim = pndm_transfer(x, out, ab(t_now), ab(t_now - ratio), prediction_type)
@@ -190,10 +189,7 @@ def dpmpp_2m(eps_fn: EpsFn, x, t, sigmas, *, start=0, prediction_type="epsilon",
         alpha_s, sigma_s = _alpha_sigma(sigmas[i])
         alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
         out = eps_fn(x, t[i].float().to(x.device))
-        if prediction_type == "epsilon":  # 1. x0 estimate (data prediction)
-            x0_pred = (x - sigma_s * out) / alpha_s
-        else:
-            x0_pred = alpha_s * x - sigma_s * out
+        x0_pred, _ = predict_x0_eps(out, x, prediction_type, alpha=alpha_s, sigma=sigma_s)  # 1. data prediction
         lam_s = torch.log(alpha_s) - torch.log(sigma_s)  # 2. half log-SNR; lambda_t = inf at sigma = 0
         lam_t = torch.log(alpha_t) - torch.log(sigma_t)
         h = lam_t - lam_s
@@ -244,7 +240,7 @@ def lcm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, generator=None, predic
         t_now = int(t[i])
         ab_t = sched.alpha_bar[t_now]
         out = eps_fn(x, t[i].float().to(x.device))
-        x0_pred, _ = predict_x0_eps(out, x, ab_t, prediction_type)  # 1. x_0 from eps (or v)
+        x0_pred, _ = predict_x0_eps(out, x, prediction_type, **_vp(ab_t))  # 1. x_0 from eps (or v, or x_0)
         c_skip, c_out = lcm_boundary(t_now)
         denoised = c_out * x0_pred + c_skip * x  # 2. consistency function f(x_t, t)
         if i + 1 < len(t):  # 3. q(x_{t_next} | x_0 = denoised) with fresh noise
@@ -257,31 +253,66 @@ def lcm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, generator=None, predic
     return x
 
 
-# ---- grids and the entry point ---------------------------------------------------------------
+# ---- grids ----------------------------------------------------------------------------------
+def ddpm_grid(schedule: Schedule, steps: int, spacing: str, karras: bool = False):
+    """The N integer timesteps (float32) of a DDPM-space sampler that walks the schedule itself; no sigmas."""
+    return schedule.timesteps(steps, spacing).float(), None
+
+
+def dpm_grid(schedule: Schedule, steps: int, spacing: str, karras: bool = False):
+    """DPM-Solver's grid: N timesteps and N+1 sigmas (the last 0). With linspace/leading it takes N+1
+    points and drops the last (t ~ 0), as diffusers does; trailing takes N."""
+    if spacing == "trailing":
+        t = schedule.timesteps(steps, spacing)
+    else:
+        if steps >= schedule.num_train_timesteps:
+            raise ValueError(f"steps={steps} is not allowed for dpmpp_2m with spacing={spacing!r}: "
+                             f"use 1 to {schedule.num_train_timesteps - 1}")
+        t = schedule.timesteps(steps + 1, spacing)[:-1]
+    if karras:  # Karras ramp over the whole table, t rounded back to integers (not for cosine)
+        sigmas = karras_sigmas(steps, schedule.sigmas[0].item(), schedule.sigmas[-1].item())
+        t = schedule.t_at_sigma(sigmas)
+        t = t.round() if schedule.beta_schedule != "cosine" else t
+    else:
+        sigmas = schedule.sigma_at(t)
+    return t.float(), torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+def lcm_grid(schedule: Schedule, steps: int, spacing: str, karras: bool = False):
+    """LCM walks its own grid (lcm_timesteps) whatever the spacing, like diffusers."""
+    return lcm_timesteps(schedule, steps).float(), None
+
+
+# ---- the registry: one entry per sampler ---------------------------------------------------------
+# name, space, default spacing (diffusers' default for the matching scheduler: SD 1.x's config names
+# none), Karras sigmas allowed, the loop, its grid, a one-line summary; then what is not the default.
+REGISTRY: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("ddim", "ddpm", "leading", False, ddim, ddpm_grid, "DDIM (Song et al. 2020, eq. 12)", eta=True),
+    Sampler("ddpm", "ddpm", "leading", False, ddpm, ddpm_grid, "DDPM ancestral sampling (Ho et al. 2020, Alg. 2)"),
+    Sampler("pndm", "ddpm", "leading", False, pndm, ddpm_grid, "PLMS, SD 1.x's original (Liu et al. 2022, eq. 12)",
+            prediction_types=("epsilon", "v_prediction")),
+    Sampler("euler", "sigma", "linspace", True, k_samplers.euler, k_samplers.sigma_grid,
+            "Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1)"),
+    Sampler("euler_a", "sigma", "linspace", True, k_samplers.euler_ancestral, k_samplers.sigma_grid,
+            "Euler ancestral (k-diffusion)", prediction_types=("epsilon", "v_prediction")),
+    Sampler("heun", "sigma", "linspace", True, k_samplers.heun, k_samplers.sigma_grid,
+            "Heun, 2nd order, 2 calls per step (Karras et al. 2022, Alg. 2)"),
+    Sampler("lms", "sigma", "linspace", True, k_samplers.lms, k_samplers.sigma_grid, "linear multistep (k-diffusion)"),
+    Sampler("dpmpp_2m", "ddpm", "linspace", True, dpmpp_2m, dpm_grid, "DPM-Solver++(2M) (Lu et al. 2022, Alg. 2)"),
+    Sampler("lcm", "ddpm", "leading", False, lcm, lcm_grid, "latent consistency, 2-8 steps (Luo et al. 2023, Alg. 1)",
+            check_steps=lambda schedule, steps: lcm_timesteps(schedule, steps)),  # steps <= LCM_ORIGINAL_STEPS
+)}
+
+SAMPLERS = tuple(REGISTRY)
+SIGMA_SPACE = tuple(n for n, s in REGISTRY.items() if s.space == "sigma")
+DEFAULT_SPACING = {n: s.default_spacing for n, s in REGISTRY.items()}
+
+
+# ---- the entry point ----------------------------------------------------------------------------
 def sampler_grid(name: str, schedule: Schedule, steps: int, spacing: str | None = None, karras: bool = False):
     """(t, sigmas): the N timesteps a sampler calls eps_fn at, and (for sigma-space and DPM) N+1 sigmas."""
-    spacing = spacing or DEFAULT_SPACING[name]
-    if name in SIGMA_SPACE:
-        return k_samplers.sigma_grid(schedule, steps, spacing, karras)
-    if name == "lcm":
-        return lcm_timesteps(schedule, steps).float(), None
-    if name == "dpmpp_2m":
-        # DPM-Solver's grid: N+1 points with the last (t ~ 0) dropped, except for trailing
-        if spacing == "trailing":
-            t = schedule.timesteps(steps, spacing)
-        else:
-            if steps >= schedule.num_train_timesteps:
-                raise ValueError(f"steps={steps} is not allowed for dpmpp_2m with spacing={spacing!r}: "
-                                 f"use 1 to {schedule.num_train_timesteps - 1}")
-            t = schedule.timesteps(steps + 1, spacing)[:-1]
-        if karras:  # Karras ramp over the whole table, t rounded back to integers (not for cosine)
-            sigmas = karras_sigmas(steps, schedule.sigmas[0].item(), schedule.sigmas[-1].item())
-            t = schedule.t_at_sigma(sigmas)
-            t = t.round() if schedule.beta_schedule != "cosine" else t
-        else:
-            sigmas = schedule.sigma_at(t)
-        return t.float(), torch.cat([sigmas, sigmas.new_zeros(1)]).float()
-    return schedule.timesteps(steps, spacing).float(), None
+    entry = REGISTRY[name]
+    return entry.grid_fn(schedule, steps, spacing or entry.default_spacing, karras)
 
 
 def initial_latent(name: str, noise: torch.Tensor, sigmas: torch.Tensor | None, spacing: str) -> torch.Tensor:
@@ -290,7 +321,7 @@ def initial_latent(name: str, noise: torch.Tensor, sigmas: torch.Tensor | None, 
     1 for the DDPM-space samplers; sigma_max for sigma-space ones, or sqrt(sigma_max^2 + 1) with
     "leading" spacing (diffusers' convention).
     """
-    if name not in SIGMA_SPACE:
+    if REGISTRY[name].space != "sigma":
         return noise
     sigma_max = sigmas.max()
     return noise * (sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5)
@@ -301,40 +332,43 @@ def noised_latent(name: str, x0: torch.Tensor, noise: torch.Tensor, i: int, t: t
     """x0 noised to the level of grid point i, in the sampler's own latent space (q(x_t | x_0)).
 
     (t, sigmas) is sampler_grid's output; i = len(t) means "after the last step": x0 itself.
-    Sigma-space samplers: x0 + sigma_i noise; DPM++: alpha x0 + sigma_vp noise at sigma_i;
-    the others: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise at t_i (diffusers' add_noise).
+    Sigma space: x0 + sigma_i noise; DDPM space on a sigma grid (DPM++): alpha x0 + sigma_vp noise at
+    sigma_i; DDPM space on the schedule: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise at t_i
+    (diffusers' add_noise).
     """
     if i == len(t):
         return x0
-    if name in SIGMA_SPACE:  # x = x_0 + sigma eps
+    if REGISTRY[name].space == "sigma":  # x = x_0 + sigma eps
         return x0 + noise * sigmas[i].to(x0.dtype)
-    if name == "dpmpp_2m":  # x = alpha x_0 + sigma_vp eps at sigma_i
+    if sigmas is not None:  # x = alpha x_0 + sigma_vp eps at sigma_i
         alpha, sigma_vp = _alpha_sigma(sigmas[i].to(x0.dtype))
         return alpha * x0 + sigma_vp * noise
     return schedule.add_noise(x0, noise, int(t[i]))
 
 
-def _check(name, steps, schedule, spacing, karras, eta, prediction_type, strength, noise, init):
-    if name not in SAMPLERS:
+def check(name, steps, schedule, spacing=None, karras=False, eta=0.0, prediction_type="epsilon") -> Sampler:
+    """The registry entry of `name`, after checking that it takes these settings (one-line ValueErrors)."""
+    if name not in REGISTRY:
         raise ValueError(f"sampler {name!r} is unknown; valid: {', '.join(SAMPLERS)}")
+    entry = REGISTRY[name]
     schedule.check_steps(steps)
-    if name == "lcm":
-        lcm_timesteps(schedule, steps)  # its own limit: steps <= LCM_ORIGINAL_STEPS
+    if entry.check_steps is not None:
+        entry.check_steps(schedule, steps)
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f"spacing={spacing!r} is unknown; valid: {', '.join(SPACINGS)}")
-    if karras and name not in (*SIGMA_SPACE, "dpmpp_2m"):
+    if karras and not entry.karras:
         raise ValueError(f"karras=True is not available for {name!r}; it works with: "
-                         f"{', '.join((*SIGMA_SPACE, 'dpmpp_2m'))}")
+                         f"{', '.join(n for n, s in REGISTRY.items() if s.karras)}")
     if not eta >= 0:
         raise ValueError(f"eta={eta!r} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
-    if eta > 0 and name != "ddim":
-        raise ValueError(f"eta={eta!r} only applies to 'ddim', not {name!r}; leave eta=0")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type={prediction_type!r} is unknown; valid: {', '.join(PREDICTION_TYPES)}")
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength={strength!r} is outside [0, 1]: 1 noises the image fully, 0 not at all")
-    if init is not None and init.shape != noise.shape:
-        raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
+    if eta > 0 and not entry.eta:
+        raise ValueError(f"eta={eta!r} only applies to {', '.join(repr(n) for n, s in REGISTRY.items() if s.eta)}, "
+                         f"not {name!r}; leave eta=0")
+    check_prediction_type(prediction_type)
+    if prediction_type not in entry.prediction_types:
+        raise ValueError(f"prediction_type={prediction_type!r} is not available for {name!r}; valid: "
+                         f"{', '.join(entry.prediction_types)}")
+    return entry
 
 
 def sample(name: str, eps_fn: EpsFn, noise: torch.Tensor, steps: int, schedule: Schedule | None = None, *,
@@ -349,17 +383,22 @@ def sample(name: str, eps_fn: EpsFn, noise: torch.Tensor, steps: int, schedule: 
     LCM and DDIM with eta > 0 add during sampling (a list: one generator per batch row). callback(i, x, x0_pred)
     runs after step i (0..N-1) with the new latent and the x_0 estimate that drove the step.
     spacing: None picks the reference's default for that sampler (DEFAULT_SPACING); LCM ignores it. karras: Karras
-    sigmas (sigma-space samplers and dpmpp_2m). eta: DDIM only. prediction_type: "epsilon" or "v_prediction".
-    img2img: pass init (the encoded image latent, already times 0.18215) and strength in [0, 1]; the first
-    img2img_start_step(steps, strength) steps are skipped and `noise` is added to init at the first
+    sigmas (the entries with karras=True). eta: DDIM only. prediction_type: what eps_fn returns, "epsilon",
+    "v_prediction" or "sample" (the entry's prediction_types).
+    img2img: pass init (the encoded image latent, already times the VAE's scaling factor) and strength in [0, 1];
+    the first img2img_start_step(steps, strength) steps are skipped and `noise` is added to init at the first
     step that runs (q(x_t | x_0)). With strength 0 no step runs and init comes back unchanged.
     step_hook(i, x) -> x: runs after step i, before the callback; the sampler continues from what it
     returns (plain-SD inpainting pastes the known region back there, noised with `noised_latent`).
     """
     schedule = schedule or Schedule.sd1()
-    _check(name, steps, schedule, spacing, karras, eta, prediction_type, strength, noise, init)
-    spacing = spacing or DEFAULT_SPACING[name]
-    t, sigmas = sampler_grid(name, schedule, steps, spacing, karras)
+    entry = check(name, steps, schedule, spacing, karras, eta, prediction_type)
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength={strength!r} is outside [0, 1]: 1 noises the image fully, 0 not at all")
+    if init is not None and init.shape != noise.shape:
+        raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
+    spacing = spacing or entry.default_spacing
+    t, sigmas = entry.grid_fn(schedule, steps, spacing, karras)
     start = 0
     if init is None:
         x = initial_latent(name, noise, sigmas, spacing)
@@ -368,9 +407,6 @@ def sample(name: str, eps_fn: EpsFn, noise: torch.Tensor, steps: int, schedule: 
         if start == len(t):
             return init.clone()
         x = noised_latent(name, init, noise, start, t, sigmas, schedule)
-    loop = {"ddim": ddim, "ddpm": ddpm, "pndm": pndm, "dpmpp_2m": dpmpp_2m, "euler": k_samplers.euler,
-            "euler_a": k_samplers.euler_ancestral, "heun": k_samplers.heun, "lms": k_samplers.lms,
-            "lcm": lcm}[name]
-    grid = sigmas if name in (*SIGMA_SPACE, "dpmpp_2m") else schedule
-    return loop(eps_fn, x, t, grid, start=start, eta=eta, generator=generator,
-                prediction_type=prediction_type, callback=callback, step_hook=step_hook)
+    grid = sigmas if sigmas is not None else schedule  # the loop walks the sigmas, or the schedule's alpha_bar
+    return entry.run(eps_fn, x, t, grid, start=start, eta=eta, generator=generator,
+                     prediction_type=prediction_type, callback=callback, step_hook=step_hook)

@@ -26,30 +26,31 @@ Parameter names equal the checkpoint keys after `first_stage_model.` (CompVis la
 tensors for SD 1.x, so a real checkpoint loads with `load_state_dict(strict=True)`.
 Parity with `diffusers.AutoencoderKL` is tested in tests/test_vae.py.
 
-Inspection: `capture(vae, "encoder.down.2", "decoder.mid")` records the output of any named
-block during a forward pass (forward hooks, removed on exit); `decode_tiled` decodes large
-latents tile by tile to bound memory.
+Inspection: `vae.capture(features=["encoder.down.2", "decoder.mid"], attention=["decoder.mid.attn_1"])`
+records the output of any named block and the mid-block attention's probabilities during a forward
+pass (ldm.capture: the same API and `Capture` as the UNet's); `decode_tiled` decodes large latents
+tile by tile to bound memory.
 """
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm import capture as capturing
 from ldm.attention import BACKENDS, attention
 
 __all__ = ["SCALING_FACTOR", "VAEConfig", "DiagonalGaussian", "ResnetBlock", "AttnBlock",
-           "Downsample", "Upsample", "MidBlock", "Encoder", "Decoder", "AutoencoderKL", "capture"]
+           "Downsample", "Upsample", "MidBlock", "Encoder", "Decoder", "AutoencoderKL"]
 
 log = logging.getLogger(__name__)
 
-SCALING_FACTOR = 0.18215  # SD 1.x: latent fed to the UNet = SCALING_FACTOR * z
+SCALING_FACTOR = 0.18215  # SD 1.x's: VAEConfig's default; a family's VAE config carries its own (ldm.families)
 
 
 @dataclass(frozen=True)
@@ -175,12 +176,15 @@ class AttnBlock(nn.Module):
     x + proj_out(softmax(q k^T / sqrt(C)) v), with q = q(norm(x)) etc. The only attention in the
     VAE: one per mid-block, at the lowest resolution (64x64 = 4096 positions for a 512 image).
     `backend` is the ldm.attention backend ("auto": torch's fused SDPA on the CPU; "math" is
-    the readable path); AutoencoderKL.attention_backend sets it for both blocks.
+    the readable path); AutoencoderKL.attention_backend sets it for both blocks. `probs_hook`, when
+    set (AutoencoderKL.capture does it), forces the math backend and is called with the attention
+    probabilities (B, 1, H*W, H*W).
     """
 
     def __init__(self, channels: int, cfg: VAEConfig, backend: str = "auto"):
         super().__init__()
         self.backend = backend
+        self.probs_hook = None
         self.norm = Normalize(channels, cfg)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
@@ -192,7 +196,11 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         # one head: (B, C, H, W) -> (B, heads=1, N=H*W, head_dim=C)
         q, k, v = (rearrange(conv(h), "b c h w -> b 1 (h w) c") for conv in (self.q, self.k, self.v))
-        h = attention(q, k, v, backend=self.backend)  # scale 1/sqrt(C); (B, 1, N, C)
+        if self.probs_hook is not None:
+            h, probs = attention(q, k, v, backend="math", return_probs=True)
+            self.probs_hook(probs)  # (B, 1, N, N)
+        else:
+            h = attention(q, k, v, backend=self.backend)  # scale 1/sqrt(C); (B, 1, N, C)
         h = rearrange(h, "b 1 (h w) c -> b c h w", h=H, w=W)
         return x + self.proj_out(h)
 
@@ -367,7 +375,7 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, in_channels, H, W) in [-1, 1], H and W multiples of 8 -> the posterior q(z|x).
 
-        Its latents are unscaled: multiply `.mode()` or `.sample(generator)` by SCALING_FACTOR
+        Its latents are unscaled: multiply `.mode()` or `.sample(generator)` by cfg.scaling_factor
         before handing them to the UNet.
         """
         f = self.cfg.downsample_factor
@@ -381,7 +389,7 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(moments.contiguous())
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, embed_dim, h, w), unscaled (divide the UNet's latent by SCALING_FACTOR first)
+        """z (B, embed_dim, h, w), unscaled (divide the UNet's latent by cfg.scaling_factor first)
         -> image (B, out_ch, 8h, 8w), roughly in [-1, 1] (not clamped)."""
         if z.ndim != 4 or z.shape[1] != self.cfg.embed_dim:
             raise ValueError(f"z has shape {tuple(z.shape)}; expected (B, {self.cfg.embed_dim}, h, w)")
@@ -437,36 +445,20 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z)
 
+    # ---- inspection -------------------------------------------------------------------------
 
-# --- inspection ------------------------------------------------------------------------------
+    def attention_layers(self) -> list[str]:
+        """Names of the attention layers: the encoder's and the decoder's mid-block attention."""
+        return [n for n, m in self.named_modules() if isinstance(m, AttnBlock)]
 
+    def capture(self, features: Sequence[str] = (), attention: Sequence[str] = ()) -> Iterator[capturing.Capture]:
+        """Record, for every forward inside the `with` block (the last one wins), the output of each
+        module named in `features` (any name of named_modules(): "encoder.down.0", "decoder.mid", ...)
+        and the attention probabilities of each layer in `attention` (attention_layers()). ldm.capture:
 
-@contextmanager
-def capture(model: nn.Module, *names: str) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the outputs of named submodules during forward passes inside the with-block.
-
-        with capture(vae, "encoder.down.0", "encoder.mid.attn_1", "decoder.up.3") as feats:
-            vae.encode(x)
-        feats["encoder.down.0"]  # (B, 128, H/2, W/2): the output of level 0, after its Downsample
-
-    Names are those of `model.named_modules()` (the checkpoint key prefixes). The tensors are
-    detached; a later call overwrites an earlier one. The hooks are removed on exit.
-    """
-    modules = dict(model.named_modules())
-    unknown = [n for n in names if n not in modules]
-    if unknown:
-        raise KeyError(f"names={unknown} are not modules of {type(model).__name__}; "
-                       f"some that are: {[n for n in modules if n][:12]}")
-    feats: dict[str, torch.Tensor] = {}
-
-    def hook_for(name: str):
-        def hook(module, inputs, output):
-            feats[name] = output.detach()
-        return hook
-
-    handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
-    try:
-        yield feats
-    finally:
-        for handle in handles:
-            handle.remove()
+            with vae.capture(features=["encoder.down.0"], attention=["encoder.mid.attn_1"]) as cap:
+                vae.encode(x)
+            cap.features["encoder.down.0"]   # (B, 128, H/2, W/2): level 0's output, after its Downsample
+            cap.token_maps("encoder.mid.attn_1")   # (B, 1, h*w, h, w): where each pixel looks
+        """
+        return capturing.capture(self, features, attention, layers=self.attention_layers(), what="the VAE")

@@ -1,21 +1,20 @@
-"""From a checkpoint to the three networks, and from the networks back to a checkpoint.
+"""From a checkpoint to the three networks, random weights, and where a user's checkpoint is.
 
     ck = ldm.checkpoint.read(ldm.weights.find_checkpoint())   # $LDM_CHECKPOINT or weights/
     text_encoder, unet, vae = ldm.weights.build(ck)          # strict loading, no renaming
-    ldm.weights.write_single_file("my.safetensors", text_encoder, unet, vae)
+    ldm.weights.write_single_file("my.safetensors", text_encoder, unet, vae)   # = ldm.checkpoint.write_single_file
     ldm.weights.random_checkpoint("weights/random-tiny.safetensors", size="tiny")
     ldm.weights.random_init_(module, seed)                     # fast seeded random weights
 
-`build` picks each network's config (SD 1.x, or SD 1.5 inpainting's 9-channel UNet, unless
-the file's metadata names another one: our random tiny checkpoints do), constructs the module
-on the "meta" device (no time spent drawing random weights that are about to be replaced) and
-loads the stage's state dict with `strict=True` through `ldm.checkpoint.load_stage`, which
-names missing and unexpected keys if the file does not fit.
+`build` takes each network's class and config from the checkpoint's family record
+(ldm.families: SD 1.x, or SD 1.5 inpainting's 9-channel UNet), unless the file's metadata names
+other configs (ldm's shipped model and our random tiny checkpoints do: SD 1.x's layout at other
+widths), constructs the module on the "meta" device (no time spent drawing random weights that
+are about to be replaced) and loads the stage's state dict with `strict=True` through
+`ldm.checkpoint.load_stage`, which names missing and unexpected keys if the file does not fit.
 
-`write_single_file` is the inverse: it prefixes each state dict the way the original CompVis
-single-file checkpoints do (`model.diffusion_model.`, `first_stage_model.`,
-`cond_stage_model.transformer.`) and adds the schedule buffers those files carry at the top
-level, so diffusers' own single-file converter reads what we write (tests/test_roundtrip.py).
+Writing is the reader's inverse and sits beside it, in ldm/checkpoint/write.py; the names are
+re-exported here, where the random checkpoints use them.
 """
 from __future__ import annotations
 
@@ -27,30 +26,19 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from ldm import checkpoint
-from ldm.clip import CLIPTextConfig, CLIPTextModel
-from ldm.schedule import Schedule
-from ldm.unet import UNetConfig, UNetModel
-from ldm.vae import AutoencoderKL, VAEConfig
+from ldm import checkpoint, families
+from ldm.checkpoint.write import (CONFIG_METADATA_KEY, RANDOM_METADATA_KEY, single_file_state_dict,  # noqa: F401
+                                  write_single_file)
+from ldm.clip import CLIPTextConfig
+from ldm.unet import UNetConfig
+from ldm.vae import VAEConfig
 
-__all__ = ["PREFIXES", "CONFIG_METADATA_KEY", "SHIPPED", "find_checkpoint", "default_checkpoint", "is_random", "configs_for", "build", "single_file_state_dict",
-           "write_single_file", "random_init_", "random_models", "random_checkpoint"]
+__all__ = ["CONFIG_METADATA_KEY", "SHIPPED", "find_checkpoint", "default_checkpoint", "is_random", "configs_for",
+           "build", "single_file_state_dict", "write_single_file", "random_init_", "random_models",
+           "random_checkpoint"]
 
-# Stage -> the prefix its keys carry in an SD 1.x single-file checkpoint.
-PREFIXES = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "text_encoder": "cond_stage_model.transformer.",
-}
-# Safetensors metadata entry holding {"text_encoder": {...}, "unet": {...}, "vae": {...}} when a
-# file's networks are not the SD 1.x shapes (e.g. the tiny random checkpoints).
-CONFIG_METADATA_KEY = "ldm.configs"
-# Safetensors metadata entry marking a checkpoint of random weights (random_checkpoint writes it).
-RANDOM_METADATA_KEY = "ldm.random_weights"
-CONFIG_CLASSES = {"text_encoder": CLIPTextConfig, "unet": UNetConfig, "vae": VAEConfig}
 SIZES = ("tiny", "full")
 # The model ldm trains itself (ldm.train) and ships: used when no real checkpoint is given or found.
 SHIPPED = Path(__file__).resolve().parent / "data" / "ldm-shapes.safetensors"
@@ -101,7 +89,8 @@ MAX_CONFIG_INT, MAX_CONFIG_LEN = 2**20, 16
 
 def _config_from_dict(cls, d, where: str):
     """One stage's config from the metadata JSON: known fields, ints in 1..MAX_CONFIG_INT, floats
-    finite and > 0, tuples of at most MAX_CONFIG_LEN such ints; then the config's own checks."""
+    finite and > 0, tuples of at most MAX_CONFIG_LEN such ints, booleans, optional ints (default
+    None) as null or such an int; then the config's own checks."""
     bad = lambda msg: checkpoint.CheckpointError(f"{where}: {msg}")
     if not isinstance(d, dict):
         raise bad(f"a {type(d).__name__}, not a JSON object of {cls.__name__} fields")
@@ -120,6 +109,10 @@ def _config_from_dict(cls, d, where: str):
         elif isinstance(default, float):
             ok, allowed = type(v) in (int, float) and 0 < v < math.inf, "a finite number > 0"
             v = float(v) if ok else v
+        elif isinstance(default, bool):  # a switch (UNetConfig.use_linear_in_transformer)
+            ok, allowed = type(v) is bool, "true or false"
+        elif default is None:  # an optional integer (UNetConfig.num_head_channels)
+            ok, allowed = v is None or ok_int(v), f"null or an integer from 1 to {MAX_CONFIG_INT}"
         else:
             ok, allowed = ok_int(v), f"an integer from 1 to {MAX_CONFIG_INT}"
         if not ok:
@@ -147,12 +140,13 @@ def _check_against_tensors(where: str, configs: dict, ck) -> None:
     te, unet, vae = configs["text_encoder"], configs["unet"], configs["vae"]
     L, n = len(unet.channel_mult), unet.num_res_blocks
     depths = {int(m.group(1)) for k in ck.unet for m in [re.search(r"\.transformer_blocks\.(\d+)\.", k)] if m}
-    checks = [
+    checks = [] if not isinstance(te, CLIPTextConfig) else [  # CLIP's own names (another tower checks its own)
         ("text_encoder", "num_hidden_layers", te.num_hidden_layers, _count(ck.text_encoder, "text_model.encoder.layers.")),
         ("text_encoder", "hidden_size", te.hidden_size, _shape(ck.text_encoder, "text_model.embeddings.token_embedding.weight", 1)),
         ("text_encoder", "vocab_size", te.vocab_size, _shape(ck.text_encoder, "text_model.embeddings.token_embedding.weight", 0)),
         ("text_encoder", "max_position_embeddings", te.max_position_embeddings,
-         _shape(ck.text_encoder, "text_model.embeddings.position_embedding.weight", 0)),
+         _shape(ck.text_encoder, "text_model.embeddings.position_embedding.weight", 0))]
+    checks += [
         ("unet", "channel_mult and num_res_blocks (input blocks)", 1 + L * n + L - 1, _count(ck.unet, "input_blocks.")),
         ("unet", "channel_mult and num_res_blocks (output blocks)", L * (n + 1), _count(ck.unet, "output_blocks.")),
         ("unet", "model_channels", unet.model_channels, _shape(ck.unet, "input_blocks.0.0.weight", 0)),
@@ -171,22 +165,26 @@ def _check_against_tensors(where: str, configs: dict, ck) -> None:
 
 def configs_for(ck) -> dict:
     """The config of each stage: from the file's metadata if it has ours (validated, bounded and
-    checked against the tensors), else SD 1.x."""
+    checked against the tensors), else its family record's (ldm.families)."""
+    family = families.get(ck.family)
+    if not family.supported:
+        raise checkpoint.CheckpointError(f"{getattr(ck, 'path', None) or 'checkpoint'}: the {family.name} family "
+                                         f"({family.title}) has no stages in ldm yet")
     stored = (getattr(ck, "metadata", None) or {}).get(CONFIG_METADATA_KEY)
     if not stored:
-        unet = UNetConfig.inpainting() if ck.family == "sd1-inpaint" else UNetConfig()
-        return {"text_encoder": CLIPTextConfig(), "unet": unet, "vae": VAEConfig()}
+        return dict(family.configs)
+    classes = {stage: type(config) for stage, config in family.configs.items()}  # the family's config types
     where = f"{getattr(ck, 'path', None) or 'checkpoint'}: {CONFIG_METADATA_KEY} metadata"
     try:
         parsed = json.loads(stored)
     except (ValueError, RecursionError) as e:
         raise checkpoint.CheckpointError(f"{where} is not valid JSON ({type(e).__name__}: "
                                          f"{' '.join(str(e).split())[:120]})") from None
-    if not (isinstance(parsed, dict) and set(parsed) == set(CONFIG_CLASSES)):
+    if not (isinstance(parsed, dict) and set(parsed) == set(classes)):
         shown = sorted(map(str, parsed))[:10] if isinstance(parsed, dict) else type(parsed).__name__
         raise checkpoint.CheckpointError(f"{where} holds {shown}; allowed: an object with exactly the stages "
-                                         f"{sorted(CONFIG_CLASSES)}")
-    configs = {stage: _config_from_dict(CONFIG_CLASSES[stage], d, f"{where}, {stage}") for stage, d in parsed.items()}
+                                         f"{sorted(classes)}")
+    configs = {stage: _config_from_dict(classes[stage], d, f"{where}, {stage}") for stage, d in parsed.items()}
     _check_against_tensors(where, configs, ck)
     return configs
 
@@ -194,7 +192,7 @@ def configs_for(ck) -> dict:
 def build(ck, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(text_encoder, unet, vae) in eval mode with the checkpoint's weights, strictly loaded."""
     configs = configs_for(ck)
-    classes = {"text_encoder": CLIPTextModel, "unet": UNetModel, "vae": AutoencoderKL}
+    classes = families.get(ck.family).models  # stage -> nn.Module class
     models = []
     where = getattr(ck, "path", None) or "checkpoint"
     for stage in ("text_encoder", "unet", "vae"):
@@ -214,71 +212,6 @@ def build(ck, device: str | torch.device = "cpu", dtype: torch.dtype | None = No
                                                  f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
         models.append(module.to(device).eval())
     return tuple(models)
-
-
-def _schedule_buffers() -> dict[str, torch.Tensor]:
-    """The DDPM schedule buffers CompVis checkpoints carry at top level (ldm.schedule's SD 1.x)."""
-    sched = Schedule.sd1()
-    alpha_bar = sched.alpha_bar
-    return {"betas": sched.betas, "alphas_cumprod": alpha_bar,
-            "alphas_cumprod_prev": torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])}
-
-
-def single_file_state_dict(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module) -> dict:
-    """All three networks under their SD 1.x single-file prefixes, plus the schedule buffers."""
-    sd = _schedule_buffers()
-    for stage, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
-        sd.update({PREFIXES[stage] + k: v for k, v in module.state_dict().items()})
-    return sd
-
-
-def write_single_file(path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module,
-                      dtype: torch.dtype | None = None, configs: dict | None = None,
-                      random_weights: bool = False, metadata: dict[str, str] | None = None) -> Path:
-    """Write a .safetensors or .ckpt in the SD 1.x single-file layout. Never overwrites a file.
-
-    `configs`, when given, is stored in the safetensors metadata so `build` can rebuild
-    networks whose shapes are not SD 1.x's, and `random_weights=True` marks the file as random
-    (a .ckpt has nowhere to keep either). `metadata` adds free-form string entries to the
-    safetensors metadata (a trainer's facts: steps, data, losses); they may not reuse the keys
-    ldm writes itself ("format", ldm.configs, ldm.random_weights).
-    """
-    path = Path(path)
-    if path.suffix not in (".safetensors", ".ckpt"):
-        raise ValueError(f"path={str(path)!r} must end in .safetensors or .ckpt")
-    if metadata is not None:
-        reserved = {"format", CONFIG_METADATA_KEY, RANDOM_METADATA_KEY}
-        if not (isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-            raise ValueError(f"metadata={str(metadata)[:80]}; allowed: a dict of str to str")
-        if reserved & metadata.keys():
-            raise ValueError(f"metadata keys {sorted(reserved & metadata.keys())} are written by ldm itself; "
-                             f"allowed: any other key")
-        if path.suffix != ".safetensors":
-            raise ValueError(f"metadata= needs a .safetensors path (a .ckpt has no metadata); got {str(path)!r}")
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; not overwritten (delete it or pick another path)")
-    sd = single_file_state_dict(text_encoder, unet, vae)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-          for k, v in sd.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")  # a crash never leaves a half-written checkpoint
-    if path.suffix == ".safetensors":
-        meta = {"format": "pt", **(metadata or {})}
-        if random_weights:
-            meta[RANDOM_METADATA_KEY] = "true"
-        if configs is not None:
-            meta[CONFIG_METADATA_KEY] = json.dumps(
-                {stage: dataclasses.asdict(cfg) for stage, cfg in configs.items()})
-    try:
-        if path.suffix == ".safetensors":
-            save_file(sd, str(tmp), metadata=meta)
-        else:
-            torch.save({"state_dict": sd}, tmp)
-    except BaseException:  # interrupted or failed (disk full): leave no half-written .partial behind
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-    return path
 
 
 def random_init_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -311,28 +244,27 @@ def random_init_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def random_models(size: str = "tiny", seed: int = 0, inpainting: bool = False):
-    """(text_encoder, unet, vae, configs) with random weights: `size` "tiny" or "full" (SD 1.x)."""
+    """(text_encoder, unet, vae, configs) with random weights: `size` "tiny" or "full" (the family's
+    own configs: SD 1.x, or SD 1.5 inpainting with inpainting=True)."""
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not one of {SIZES}")
+    family = families.get("sd1-inpaint" if inpainting else "sd1")
     if size == "tiny":
-        unet_cfg = UNetConfig.tiny()
         configs = {"text_encoder": CLIPTextConfig.tiny(), "vae": VAEConfig.tiny(),
-                   "unet": dataclasses.replace(unet_cfg, in_channels=9) if inpainting else unet_cfg}
+                   "unet": dataclasses.replace(UNetConfig.tiny(), in_channels=family.unet_in_channels)}
     else:
-        configs = {"text_encoder": CLIPTextConfig(), "vae": VAEConfig(),
-                   "unet": UNetConfig.inpainting() if inpainting else UNetConfig()}
+        configs = dict(family.configs)
     models = []
-    for i, (cls, stage) in enumerate(((CLIPTextModel, "text_encoder"), (UNetModel, "unet"),
-                                      (AutoencoderKL, "vae"))):
+    for i, stage in enumerate(("text_encoder", "unet", "vae")):
         with torch.device("meta"):  # shapes only: random_init_ fills every parameter
-            module = cls(configs[stage])
+            module = family.models[stage](configs[stage])
         models.append(random_init_(module.to_empty(device="cpu"), seed + i).eval())
     return (*models, configs)
 
 
 def random_checkpoint(path, size: str = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0,
                       inpainting: bool = False) -> Path:
-    """Write a random-weight checkpoint in the real SD 1.x single-file layout.
+    """Write a random-weight checkpoint in the real SD 1.x single-file layout (tiny: its configs in the metadata).
 
     Every stage runs end to end on it (its images are noise); it is what the tests and the
     README's first command use when no real weights are at hand.

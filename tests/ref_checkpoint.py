@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm import checkpoint as ck
+from ldm import families
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16), layers_per_block=2,
                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -75,7 +76,7 @@ def compvis_stages(size: str = "tiny", in_channels: int = 4) -> dict[str, dict[s
 def single_file(stages: dict[str, dict[str, torch.Tensor]], *, extras: bool = True) -> dict[str, torch.Tensor]:
     """A CompVis single-file state dict; extras adds what real files carry besides the stages:
     schedule buffers, the CLIP position_ids buffer and an EMA copy of the UNet (EMA = UNet + 1)."""
-    sd = {ck.PREFIXES[s] + k: t for s, stage in stages.items() for k, t in stage.items()}
+    sd = {families.get("sd1").prefixes[s] + k: t for s, stage in stages.items() for k, t in stage.items()}
     if extras:
         sd["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
         sd["alphas_cumprod"] = torch.cumprod(1 - sd["betas"], 0)

@@ -1,4 +1,5 @@
 """The `ldm` command: what a user types, what they see, and that failures are one line."""
+import dataclasses
 import hashlib
 import shutil
 import subprocess
@@ -391,8 +392,8 @@ def test_download_checks_the_checksum_and_keeps_nothing_bad(in_tmp, capsys, monk
     rc, _, err = run(capsys, "download", "sd-v1-5")
     assert rc == 1 and "sha256" in err and "nothing was kept" in err and err.strip().count("\n") == 1
     assert list((in_tmp / "weights").iterdir()) == []
-    monkeypatch.setitem(cli.DOWNLOADS, "sd-v1-5", (*cli.DOWNLOADS["sd-v1-5"][:2],
-                                                   hashlib.sha256(b"not the real weights").hexdigest()))
+    monkeypatch.setitem(cli.DOWNLOADS, "sd-v1-5", dataclasses.replace(
+        cli.DOWNLOADS["sd-v1-5"], sha256=hashlib.sha256(b"not the real weights").hexdigest()))
     rc, out, _ = run(capsys, "download")
     assert rc == 0 and out == "wrote weights/v1-5-pruned-emaonly.safetensors (sha256 checked)\n"
     rc, _, err = run(capsys, "download")

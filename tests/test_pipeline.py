@@ -17,7 +17,7 @@ import ldm
 import ref_sd
 from ldm import images as imgs
 from ldm import pipeline as pl
-from ldm import samplers, weights
+from ldm import families, samplers, weights
 from ldm.tokenizer import TruncationWarning
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -150,8 +150,9 @@ def test_previews_and_x0_per_step(tiny):
     res = ours.generate("a dog", steps=3, height=64, width=48, previews="cheap", seed=0, progress=False)
     assert len(res.x0_preds) == len(res.previews) == 3 and res.previews[0][0].size == (6, 8)
     x0 = res.x0_preds[-1]
-    manual = torch.einsum("bchw,cr->brhw", x0, imgs.LATENT_RGB_FACTORS)
-    torch.testing.assert_close(imgs.latent_preview(x0), manual)
+    factors = ours.family.preview_factors()  # the family record's (4, 3) map
+    manual = torch.einsum("bchw,cr->brhw", x0, torch.tensor(families.SD_LATENT_RGB_FACTORS))
+    torch.testing.assert_close(imgs.latent_preview(x0, factors), manual)
     full = ours.generate("a dog", steps=2, height=64, width=64, previews="vae", seed=0, progress=False)
     assert full.previews[-1][0].size == (64, 64)
 

@@ -83,13 +83,16 @@ def test_matches_diffusers_step_for_step(name, spacing, karras, eta, dtype):
 
 
 @pytest.mark.parametrize("name", samplers.SAMPLERS)
-def test_default_spacing_and_v_prediction_match_diffusers(name):
+def test_default_spacing_and_every_prediction_type_match_diffusers(name):
+    """eps, v and x0 predictions, each converted by the one function (ldm.sampler_common.predict_x0_eps),
+    for every prediction type the sampler's registry entry takes (all the reference scheduler takes)."""
     pytest.importorskip("diffusers")
     if name == "lms":
         pytest.importorskip("scipy")
     from ref_samplers import reference_run
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    for prediction_type in samplers.PREDICTION_TYPES:
+    assert set(samplers.REGISTRY[name].prediction_types) <= set(samplers.PREDICTION_TYPES)
+    for prediction_type in samplers.REGISTRY[name].prediction_types:
         kw = dict(prediction_type=prediction_type)
         ref = reference_run(name, smooth_eps, noise, 7, generator=torch.Generator().manual_seed(1), **kw)
         ours = run_ours(name, noise, 7, generator=torch.Generator().manual_seed(1), **kw)
@@ -188,11 +191,28 @@ def test_strength_zero_returns_init_and_callback_indices_start_late():
     (dict(name="euler", eta=0.5), r"eta=0.5 only applies to 'ddim'"),
     (dict(spacing="uniform"), r"spacing='uniform' is unknown; valid: leading, trailing, linspace"),
     (dict(karras=True), r"karras=True is not available for 'ddim'"),
-    (dict(prediction_type="sample"), r"prediction_type='sample' is unknown; valid: epsilon, v_prediction"),
+    (dict(prediction_type="x0"), r"prediction_type='x0' is unknown; valid: epsilon, v_prediction, sample$"),
+    (dict(name="pndm", prediction_type="sample"), r"prediction_type='sample' is not available for 'pndm'; "
+                                                  r"valid: epsilon, v_prediction$"),
     (dict(strength=1.2, init=torch.zeros(SHAPE)), r"strength=1.2 is outside \[0, 1\]"),
     (dict(init=torch.zeros(1, 2, 3, 3)), r"init has shape \(1, 2, 3, 3\) but noise has \(1, 2, 2, 2\)"),
 ])
 def test_bad_input_names_value_and_allowed(kwargs, match):
+    """One line each, naming the value and what is allowed (the registry says what each sampler takes)."""
     args = dict(name="ddim", eps_fn=smooth_eps, noise=torch.zeros(SHAPE), steps=10) | kwargs
     with pytest.raises(ValueError, match=match):
         samplers.sample(**args)
+
+
+def test_the_registry_is_the_one_list_of_samplers():
+    """Every name the package knows comes from REGISTRY: adding a sampler is one entry there."""
+    from ldm import cli
+    assert samplers.SAMPLERS == tuple(samplers.REGISTRY)
+    assert samplers.DEFAULT_SPACING == {n: s.default_spacing for n, s in samplers.REGISTRY.items()}
+    for name, entry in samplers.REGISTRY.items():
+        assert entry.name == name and entry.space in ("ddpm", "sigma") and entry.summary
+        t, sigmas = samplers.sampler_grid(name, Schedule.sd1(), 4)
+        assert len(t) == 4 and (sigmas is None or len(sigmas) == 5)
+    generate = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+                    if "--scheduler" in a.option_strings)
+    assert tuple(generate.choices) == samplers.SAMPLERS

@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from ldm.vae import (SCALING_FACTOR, AttnBlock, AutoencoderKL, DiagonalGaussian, Downsample,
-                     ResnetBlock, Upsample, VAEConfig, capture)
+                     ResnetBlock, Upsample, VAEConfig)
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "vae_tiny.safetensors"
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -350,18 +350,40 @@ def test_capture_records_named_blocks_and_cleans_up():
     vae = AutoencoderKL(VAEConfig.tiny()).eval()
     x = torch.zeros(1, 3, 32, 32)
     names = ("encoder.conv_in", "encoder.down.0", "encoder.mid.attn_1", "decoder.up.1", "decoder.up.0")
-    with torch.no_grad(), capture(vae, *names) as feats:
+    with torch.no_grad(), vae.capture(features=names) as cap:
         z = vae.encode(x).mode()
         img = vae.decode(z)
-    assert {k: tuple(v.shape) for k, v in feats.items()} == {
+    assert {k: tuple(v.shape) for k, v in cap.features.items()} == {
         "encoder.conv_in": (1, 8, 32, 32), "encoder.down.0": (1, 8, 16, 16),
         "encoder.mid.attn_1": (1, 16, 4, 4), "decoder.up.1": (1, 16, 32, 32),
         "decoder.up.0": (1, 8, 32, 32)}
     assert all(len(m._forward_hooks) == 0 for m in vae.modules())
-    with pytest.raises(KeyError, match="encoder.nope"):
-        with capture(vae, "encoder.nope"):
+    with pytest.raises(ValueError, match="features entry 'encoder.nope' is not a module of the VAE"):
+        with vae.capture(features=["encoder.nope"]):
+            pass
+    with pytest.raises(ValueError, match="attention entry 'encoder.mid' is not an attention layer"):
+        with vae.capture(attention=["encoder.mid"]):
             pass
     assert img.shape == x.shape
+
+
+def test_capture_attention_like_the_unet():
+    """The same API and Capture as UNetModel.capture: the mid-block attention's probabilities, exact."""
+    vae = AutoencoderKL(VAEConfig.tiny()).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert vae.attention_layers() == ["encoder.mid.attn_1", "decoder.mid.attn_1"]
+    layer = "encoder.mid.attn_1"
+    with torch.no_grad(), vae.capture(features=["encoder.mid.block_1"], attention=[layer]) as cap:
+        moments = vae.encode(x).mean
+    block = vae.encoder.mid.attn_1
+    h = block.norm(cap.features["encoder.mid.block_1"])  # the attention's input, (2, 16, 4, 4)
+    q, k = (conv(h).flatten(2).transpose(1, 2) for conv in (block.q, block.k))  # (2, 16 pixels, 16)
+    expected = (q @ k.transpose(1, 2) / 16**0.5).softmax(-1)[:, None]  # (2, 1, 16, 16)
+    torch.testing.assert_close(cap.attention[layer], expected, rtol=1e-5, atol=1e-6)
+    assert cap.sizes[layer] == (4, 4) and cap.token_maps(layer).shape == (2, 1, 16, 4, 4)
+    with torch.no_grad():  # capturing changes nothing, and everything is unhooked afterwards
+        torch.testing.assert_close(vae.encode(x).mean, moments, rtol=1e-5, atol=1e-6)
+    assert block.probs_hook is None and not any(m._forward_hooks or m._forward_pre_hooks for m in vae.modules())
 
 
 # --- a real checkpoint, when there is one ----------------------------------------------------

@@ -1,0 +1,179 @@
+"""Read and write Stable Diffusion checkpoints: one state dict per stage, keyed as our modules name them.
+
+`read(path)` takes a single file (`.safetensors`, `.ckpt`, `.pt`, `.bin`) or a diffusers folder
+(`unet/`, `vae/`, `text_encoder/`), detects the model family (ldm.families), and returns a
+`Checkpoint` whose `unet`, `vae` and `text_encoder` dicts load with `load_state_dict(strict=True)`:
+
+    single file (CompVis layout, SD 1.x)                     ours
+    model.diffusion_model.input_blocks.1.0.in_layers.0.weight -> unet["input_blocks.1.0.in_layers.0.weight"]
+    first_stage_model.decoder.up.3.block.0.conv1.weight      -> vae["decoder.up.3.block.0.conv1.weight"]
+    cond_stage_model.transformer.text_model.final_layer_norm.weight -> text_encoder["text_model.final_layer_norm.weight"]
+
+One job per file:
+
+    files.py             the bytes: safetensors (memory-mapped), torch zip pickles through the restricted
+                         unpickler (ldm.unpickle), diffusers folders and their scheduler config
+    diffusers_layout.py  the one key map between the diffusers layout and ours (key_map, format_key_map)
+    detect.py            which family a file is (the rule is in its docstring), and the split into stages
+    write.py             the inverse: our networks as a single file (write_single_file)
+    __init__.py          this: Checkpoint, read, from_state_dict, load_stage
+
+The prefixes, the detection traits and the configs of each family are its record in ldm.families.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ldm import families
+from ldm.checkpoint import detect
+from ldm.checkpoint.diffusers_layout import (DIFFUSERS_TO_COMPVIS, INNER_RENAMES, KeyMapConfig, diffusers_to_compvis,
+                                             format_key_map, key_map)
+from ldm.checkpoint.errors import CheckpointError, UnsafeCheckpointError, one_line
+from ldm.checkpoint.files import read_diffusers_folder, read_file, read_scheduler_config, safetensors_metadata
+from ldm.checkpoint.write import (CONFIG_METADATA_KEY, RANDOM_METADATA_KEY, single_file_state_dict,
+                                  write_single_file)
+from ldm.families import Family
+
+__all__ = ["Checkpoint", "read", "from_state_dict", "load_stage", "CheckpointError", "UnsafeCheckpointError",
+           "STAGES", "KeyMapConfig", "key_map", "DIFFUSERS_TO_COMPVIS", "INNER_RENAMES", "format_key_map",
+           "diffusers_to_compvis", "safetensors_metadata", "write_single_file", "single_file_state_dict",
+           "CONFIG_METADATA_KEY", "RANDOM_METADATA_KEY"]
+
+log = logging.getLogger(__name__)
+
+STAGES = families.STAGES
+_read_file = read_file  # the name ldm.lora, ldm.prompt and the tests use for "one file, any format"
+
+
+@dataclass
+class Checkpoint:
+    """Per-stage state dicts, keyed as our modules name them, and what was found."""
+    path: Path | None
+    format: str                                        # "safetensors" | "ckpt" | "diffusers" | "state_dict"
+    family: str                                        # a name in ldm.families.FAMILIES: "sd1", "sd1-inpaint", ...
+    unet: dict[str, Tensor]
+    vae: dict[str, Tensor]
+    text_encoder: dict[str, Tensor]
+    ignored: dict[str, int] = field(default_factory=dict)   # what the file held that no stage uses
+    metadata: dict[str, str] = field(default_factory=dict)  # a .safetensors header's __metadata__
+    # what a diffusers folder's scheduler/scheduler_config.json says: prediction_type, timestep_spacing,
+    # steps_offset (only the keys it names); {} for a single file
+    scheduler: dict = field(default_factory=dict)
+
+    def stages(self) -> dict[str, dict[str, Tensor]]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    @property
+    def record(self) -> Family:
+        """The family's record (ldm.families): configs, prefixes, prediction type, downloads."""
+        return families.get(self.family)
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: the folder's scheduler config if it says, else the family's."""
+        return self.scheduler.get("prediction_type", self.record.prediction_type)
+
+    @property
+    def prediction_reason(self) -> str:
+        """Why prediction_type is what it is, in words (`ldm info` prints it)."""
+        if "prediction_type" in self.scheduler:
+            return "scheduler/scheduler_config.json says so"
+        fam = self.record
+        if len(fam.prediction_types) == 1:
+            return f"{fam.title} models predict {fam.prediction_type}"
+        return (f"the {fam.name} family's default; the tensors cannot tell {' from '.join(fam.prediction_types)} "
+                f"(override with prediction_type=)")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype most tensors have."""
+        return Counter(t.dtype for sd in self.stages().values() for t in sd.values()).most_common(1)[0][0]
+
+    def summary(self) -> dict:
+        stage_info = {s: {"tensors": len(sd), "bytes": sum(t.numel() * t.element_size() for t in sd.values()),
+                          "dtype": str(Counter(t.dtype for t in sd.values()).most_common(1)[0][0]).removeprefix("torch.")}
+                      for s, sd in self.stages().items()}
+        return {"path": str(self.path) if self.path else None, "family": self.family, "format": self.format,
+                "dtype": str(self.dtype).removeprefix("torch."), "prediction_type": self.prediction_type,
+                "prediction_reason": self.prediction_reason, "scheduler": dict(self.scheduler),
+                "stages": stage_info, "ignored": dict(self.ignored)}
+
+
+def from_state_dict(state_dict: dict, *, path: str | Path | None = None, format: str = "state_dict",
+                    ema: bool = False) -> Checkpoint:
+    """A CompVis-layout state dict (the top level of a single file) -> Checkpoint."""
+    where = path if path is not None else "state dict"
+    raw, seen = state_dict, set()
+    while isinstance(raw.get("state_dict"), dict):     # Lightning: {"state_dict": {...}, "callbacks": ...}
+        seen.add(id(raw))
+        raw = raw["state_dict"]
+        if id(raw) in seen:                            # d["state_dict"] = d: a pickle can make a cycle
+            raise CheckpointError(f"{where}: corrupt checkpoint: its state_dict contains itself")
+    detect.other_kind(where, raw)
+    layout = detect.layout_of(where, raw.keys())
+    stages, ignored = detect.split(where, raw, layout[0], ema)
+    family = detect.family_of(where, stages, layout)
+    return Checkpoint(Path(path) if path else None, format, family.name, **stages, ignored=dict(ignored))
+
+
+def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = False) -> Checkpoint:
+    """Read a single file (.safetensors/.ckpt/.pt/.bin) or a diffusers folder.
+
+    dtype=None keeps the file's dtype; a floating dtype casts the floating tensors (a copy).
+    ema=True takes the UNet's model_ema.* copy of a non-pruned single file.
+    """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r}; allowed: None or a floating torch.dtype (torch.float16, ...)")
+    path = Path(path)
+    if path.is_dir():
+        stages, ignored = read_diffusers_folder(path)
+        scheduler = read_scheduler_config(path)
+        # The key map gave our names, and every family's folder keeps a transformers CLIPTextModel
+        # (SD 1.x's text naming): any family may match, by its UNet's traits.
+        family = detect.family_of(path, stages, list(families.FAMILIES.values()),
+                                  prediction_type=scheduler.get("prediction_type"))
+        ck = Checkpoint(path, "diffusers", family.name, **stages, ignored=dict(ignored), scheduler=scheduler)
+    else:
+        raw, fmt = read_file(path)
+        ck = from_state_dict(raw, path=path, format=fmt, ema=ema)
+    if ck.format == "safetensors":
+        ck.metadata = safetensors_metadata(path)
+    if dtype is not None:
+        try:
+            for sd in ck.stages().values():
+                sd.update({k: t.to(dtype) for k, t in sd.items() if t.is_floating_point()})
+        except (RuntimeError, MemoryError) as e:
+            raise CheckpointError(f"{path}: cannot cast the tensors to {dtype} ({one_line(e)})") from None
+    log.info("%s: %s %s checkpoint, %s, predicts %s (%s); ignored %s", path, ck.format, ck.family, ck.dtype,
+             ck.prediction_type, ck.prediction_reason, ck.ignored)
+    return ck
+
+
+def load_stage(module: torch.nn.Module, state_dict: dict[str, Tensor], stage: str = "unet",
+               family: str = "sd1", *, assign: bool = False, max_listed: int = 10, path=None):
+    """module.load_state_dict(state_dict, strict=True), with a one-line error that names the
+    file (`path`, when given) and lists what did not fit."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}; allowed: {list(STAGES)}")
+    where = f"{path}: " if path is not None else ""
+    what = f"{where}{stage} of a {family} checkpoint does not fit {type(module).__name__}"
+    expected = module.state_dict()
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
+    listed = lambda items: f"{len(items)} {items[:max_listed]}" + (f" and {len(items) - max_listed} more" if len(items) > max_listed else "")
+    if missing or unexpected:
+        raise CheckpointError(f"{what}: missing keys {listed(missing)}; unexpected keys {listed(unexpected)}")
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} in the file, {tuple(t.shape)} in the model"
+             for k, t in expected.items() if state_dict[k].shape != t.shape]
+    if wrong:
+        shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        raise CheckpointError(f"{what}: size mismatch for {len(wrong)} tensors: {shown}")
+    try:
+        return module.load_state_dict(state_dict, strict=True, assign=assign)
+    except RuntimeError as e:                          # e.g. a tensor that is not a tensor
+        raise CheckpointError(f"{what}: {one_line(e)}") from e

