@@ -30,9 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from ldm.attention import BACKENDS, attention
 
 __all__ = ["CLIPTextConfig", "CLIPTextModel", "quick_gelu", "causal_mask"]
 
@@ -67,7 +68,8 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def causal_mask(T: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(T, T) additive mask: 0 on and below the diagonal, -inf above (token i sees 0..i)."""
+    """(T, T) additive mask: 0 on and below the diagonal, -inf above (token i sees 0..i).
+    For inspection: the attention itself is ldm.attention's `causal=True`."""
     return torch.full((T, T), float("-inf"), device=device, dtype=dtype).triu(1)
 
 
@@ -87,8 +89,8 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head causal self-attention. `backend="math"` is the readable path; "sdpa" is
-    torch's fused kernel with the same result."""
+    """Multi-head causal self-attention through ldm.attention (`causal=True`): "math" is the
+    readable path (it can return the probabilities), "sdpa"/"auto" torch's fused kernel."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
@@ -99,19 +101,12 @@ class CLIPAttention(nn.Module):
         self.v_proj = nn.Linear(C, C)
         self.out_proj = nn.Linear(C, C)
 
-    def forward(self, x: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         split = "b t (h d) -> b h t d"
         q = rearrange(self.q_proj(x), split, h=self.heads)  # (B, heads, T, head_dim)
         k = rearrange(self.k_proj(x), split, h=self.heads)
         v = rearrange(self.v_proj(x), split, h=self.heads)
-        if backend == "math":
-            scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (B, heads, T, T)
-            scores = scores + causal_mask(x.shape[1], x.device, scores.dtype)
-            out = scores.softmax(dim=-1) @ v  # (B, heads, T, head_dim)
-        elif backend == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            raise ValueError(f"backend={backend!r} is not a CLIP attention backend; use 'math' or 'sdpa'")
+        out = attention(q, k, v, backend=backend, causal=True)  # token i sees tokens 0..i
         return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))  # (B, T, C)
 
 
@@ -135,7 +130,7 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
-    def forward(self, x: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), backend=backend)
         return x + self.mlp(self.layer_norm2(x))
 
@@ -170,10 +165,14 @@ class CLIPTextModel(nn.Module):
     so A1111's N is clip_skip=N - 1 here (ldm.prompt.encode takes A1111's N).
     """
 
-    def __init__(self, cfg: CLIPTextConfig = CLIPTextConfig(), backend: str = "sdpa"):
+    def __init__(self, cfg: CLIPTextConfig = CLIPTextConfig(), backend: str = "auto"):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"CLIPTextModel: backend={backend!r} is not one of {BACKENDS}")
         self.config = cfg
-        self.backend = backend  # "math" (readable) or "sdpa" (fused); same numbers
+        # ldm.attention's backend for every layer, a plain attribute: "math" (readable),
+        # "sdpa" (fused), "auto" (= sdpa: causal attention never takes the Triton kernel)
+        self.backend = backend
         self.text_model = CLIPTextTransformer(cfg)
 
     def add_embeddings(self, vectors: torch.Tensor) -> list[int]:

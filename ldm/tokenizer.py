@@ -11,6 +11,7 @@ Stable Diffusion 1.x reads a prompt through OpenAI's CLIP byte-level BPE. The st
                     marked "</w>" (end of word)                        "cafÃ©</w>"
       6. ids        look the pieces up in the vocab                    [320, 15304, 1125, 256]
       7. window     BOS + first 75 ids + EOS, padded with EOS to 77    (B, 77) int64
+                    (SD 2.x's OpenCLIP pads with 0 instead: pad_id=0)
 
 Text cleaning, and where the reference differs from OpenAI's original. OpenAI's `simple_tokenizer`
 cleans with `ftfy.fix_text` (repairs mojibake, NFC), `html.unescape` twice, collapses whitespace
@@ -41,7 +42,9 @@ UTF-8-style bytes, so every str tokenizes.
 The vocabulary is OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT licence, vendored in ldm/data/):
 its first line is a header, then 262,144 merges ranked by line. CLIP keeps the first 48,894, so
 the vocabulary has 256 byte symbols + 256 with "</w>" + 48,894 merged symbols + 2 specials =
-49,408 ids; BOS = 49406, EOS = 49407, and SD pads with EOS (not 0).
+49,408 ids; BOS = 49406, EOS = 49407, and SD 1.x pads with EOS (not 0). SD 2.x's OpenCLIP
+tokenizer is the same BPE but pads with id 0 (the token "!"; open_clip.tokenize, and
+diffusers' SD 2 tokenizer whose pad_token is "!"): `CLIPTokenizer(pad_id=0)`.
 
 Added tokens (textual inversion): `add_tokens(names)` gives new words ids from 49,408 upward.
 They are cut out of the normalized text before the split and BPE, as transformers' added tokens
@@ -198,12 +201,14 @@ def _load_merges(path: Path) -> list[tuple[str, str]]:
 class CLIPTokenizer:
     """OpenAI CLIP's byte-level BPE tokenizer, ids equal to transformers' `CLIPTokenizer`.
 
-    `tok(prompts)` -> LongTensor (B, 77): BOS, at most 75 BPE ids, EOS, then EOS padding.
+    `tok(prompts)` -> LongTensor (B, 77): BOS, at most 75 BPE ids, EOS, then EOS padding
+    (`CLIPTokenizer(pad_id=0)`: zeros, SD 2.x).
     `encode` / `tokenize` give the BPE ids / pieces of one text without BOS/EOS; `decode`
     turns ids back into text for inspection.
     """
 
-    def __init__(self, path: str | Path | None = None, max_length: int = 77):
+    def __init__(self, path: str | Path | None = None, max_length: int = 77, pad_id: int | None = None):
+        """pad_id: the id that fills the window after EOS; None = EOS (SD 1.x), 0 for SD 2.x."""
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length={max_length!r} must be an int >= 2 (room for BOS and EOS)")
         self.path = Path(path) if path is not None else DEFAULT_VOCAB_PATH
@@ -219,8 +224,12 @@ class CLIPTokenizer:
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.bos_id, self.eos_id = self.vocab[BOS], self.vocab[EOS]
-        self.pad_id = self.eos_id  # SD pads with EOS, not 0
         self.vocab_size = len(tokens)
+        if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)
+                                   or not 0 <= pad_id < self.vocab_size):
+            raise ValueError(f"pad_id={pad_id!r} must be None (pad with EOS, SD 1.x) or an id in "
+                             f"[0, {self.vocab_size}) (0 for SD 2.x)")
+        self.pad_id = self.eos_id if pad_id is None else pad_id  # SD 1.x pads with EOS, SD 2.x with 0
         self.max_length = max_length  # T: BOS + (max_length - 2) BPE ids + EOS
         self._bpe_cached = functools.lru_cache(maxsize=1 << 16)(self._bpe)
         # added tokens (textual inversion): normalized word -> the ids it stands for
@@ -230,7 +239,8 @@ class CLIPTokenizer:
         self._added_longest_first: list[str] = []
 
     def __repr__(self) -> str:
-        return (f"CLIPTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, "
+        pad = "" if self.pad_id == self.eos_id else f", pad_id={self.pad_id}"
+        return (f"CLIPTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}{pad}, "
                 f"path={str(self.path)!r})")
 
     # -- 5. byte-pair encoding of one word --
@@ -358,6 +368,10 @@ class CLIPTokenizer:
             raise TypeError(f"ids={ids!r} must be a list of ints or a 1-D/2-D tensor")
         if ids and all(isinstance(row, (list, tuple)) for row in ids):
             return [self.decode(row) for row in ids]
+        if self.pad_id != self.eos_id and self.eos_id in ids:   # drop the padding after the last EOS
+            last = len(ids) - 1 - ids[::-1].index(self.eos_id)
+            if all(i == self.pad_id for i in ids[last + 1:]):
+                ids = ids[:last + 1]
         out = bytearray()
         for i in ids:
             if not isinstance(i, int) or not 0 <= i < self.vocab_size:
@@ -382,7 +396,7 @@ class CLIPTokenizer:
         return self.decode(ids[self.max_length - 2:])
 
     def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """Prompts -> LongTensor (B, max_length): BOS, ids, EOS, EOS padding.
+        """Prompts -> LongTensor (B, max_length): BOS, ids, EOS, padding (EOS, or pad_id).
 
         A prompt longer than max_length - 2 = 75 BPE tokens keeps its first 75 and ends with
         EOS; a `TruncationWarning` says how many tokens were dropped and what text they held.

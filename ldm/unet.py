@@ -1,4 +1,4 @@
-"""The Stable Diffusion 1.x UNet: eps = unet(x_t, t, context), the noise predicted in a latent.
+"""The Stable Diffusion 1.x / 2.x UNet: eps = unet(x_t, t, context), the noise predicted in a latent.
 
 x (B, 4, h, w) noisy latent, t (B,) timesteps, context (B, 77, 768) CLIP text embeddings
 -> eps (B, 4, h, w). The network is the CompVis `openaimodel.UNetModel` as SD 1.x configures
@@ -54,6 +54,14 @@ the head dim is channels / 8.
 
 (tests/test_unet.py checks this table against the model's state_dict keys and shapes.)
 
+SD 2.x (UNetConfig.sd2(), v2-inference.yaml) is the same network with three changes, all
+read from the config by the same code: every head is 64 channels wide (num_head_channels=64:
+5 x 64, 10 x 64, 20 x 64 instead of 8 x 40, 8 x 80, 8 x 160), the SpatialTransformer's
+proj_in/proj_out are Linear layers (use_linear_in_transformer), and attn2's to_k/to_v read a
+1024-wide context (OpenCLIP ViT-H, ldm/openclip.py). The 768-v model predicts v instead of eps
+with the same weights' shapes: that is the sampler's business, not the network's. In half
+precision its attention scores overflow fp16, so ldm.attention forms them in fp32.
+
 Attention backends ("math", "sdpa", "triton", "auto"; see ldm/attention.py) are chosen per
 model (`UNetModel(cfg, attention_backend=...)`, a plain attribute) or per call
 (`unet(x, t, ctx, attention_backend="math")`). `UNetModel.capture(...)` records the feature
@@ -86,8 +94,11 @@ class UNetConfig:
     num_res_blocks: int = 2                           # ResBlocks per level on the way down (one more going up)
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a SpatialTransformer
     num_heads: int = 8                                # head_dim = width / num_heads: 40, 80, 160
+    num_head_channels: int | None = None              # SD 2.x: 64, a fixed head_dim (heads = width / 64),
+                                                      # num_heads then unused; None = SD 1.x (CompVis: -1)
     transformer_depth: int = 1                        # BasicTransformerBlocks per SpatialTransformer
-    context_dim: int = 768                            # width of the text embeddings
+    context_dim: int = 768                            # width of the text embeddings (SD 2.x: 1024)
+    use_linear_in_transformer: bool = False           # SD 2.x: proj_in/proj_out are Linear, not 1x1 Conv2d
     sample_size: int = 64                             # the latent side it was trained at (diffusers' name):
                                                       # default image side = sample_size * the VAE's factor
 
@@ -99,11 +110,23 @@ class UNetConfig:
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
             raise ValueError(f"UNetConfig: channel_mult={self.channel_mult} must be a non-empty "
                              f"tuple of positive integers")
+        if self.num_head_channels is not None and self.num_head_channels < 1:
+            raise ValueError(f"UNetConfig: num_head_channels={self.num_head_channels} must be >= 1, "
+                             f"or None to split each width into num_heads heads")
+        split = (f"num_heads={self.num_heads}" if self.num_head_channels is None
+                 else f"num_head_channels={self.num_head_channels}")
         for mult in self.channel_mult:
             width = self.model_channels * mult
-            if width % NUM_GROUPS or width % self.num_heads:
+            if width % NUM_GROUPS or width % (self.num_head_channels or self.num_heads):
                 raise ValueError(f"UNetConfig: width model_channels*mult={width} must be divisible by "
-                                 f"{NUM_GROUPS} (GroupNorm groups) and num_heads={self.num_heads}")
+                                 f"{NUM_GROUPS} (GroupNorm groups) and {split}")
+
+    def heads(self, width: int) -> tuple[int, int]:
+        """(heads, head_dim) of a transformer `width` channels wide: SD 1.x keeps the head count
+        (8 x 40, 8 x 80, 8 x 160), SD 2.x the head dim (5 x 64, 10 x 64, 20 x 64)."""
+        if self.num_head_channels is None:
+            return self.num_heads, width // self.num_heads
+        return width // self.num_head_channels, self.num_head_channels
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
@@ -115,6 +138,20 @@ class UNetConfig:
     def inpainting(cls) -> "UNetConfig":
         """SD 1.5 inpainting: input = cat[noisy latent (4), mask (1), masked-image latent (4)]."""
         return cls(in_channels=9)
+
+    @classmethod
+    def sd2(cls, **changes) -> "UNetConfig":
+        """SD 2.x (v2-inference.yaml, and v2-inference-v.yaml: the 768-v model has the same
+        network): heads of 64 channels, linear proj_in/proj_out, a 1024-wide OpenCLIP context;
+        everything else is SD 1.x's. `changes` override fields, e.g. sd2(in_channels=9) for
+        512-inpainting, or the tiny test sizes (see tiny_sd2)."""
+        return cls(**{**dict(num_head_channels=64, use_linear_in_transformer=True, context_dim=1024), **changes})
+
+    @classmethod
+    def tiny_sd2(cls) -> "UNetConfig":
+        """tiny() shaped like SD 2.x: 16-channel heads (2 heads at width 32, 4 at 64), linear projections."""
+        return cls.sd2(model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
+                       attention_resolutions=(1,), num_head_channels=16, context_dim=48)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -222,25 +259,39 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Treat the H*W pixels of a feature map as tokens, run transformer blocks, add back."""
+    """Treat the H*W pixels of a feature map as tokens, run transformer blocks, add back.
 
-    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int):
+    proj_in/proj_out map channels <-> the transformer width: SD 1.x uses 1x1 convolutions
+    (weights (inner, C, 1, 1), applied before the pixels become tokens), SD 2.x
+    (`linear=True`) Linear layers (weights (inner, C), applied to the tokens). A 1x1 conv is
+    the same map as a Linear on every pixel, so only the weight shape and the order differ.
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
+                 linear: bool = False):
         super().__init__()
         inner = heads * dim_head
+        self.linear = linear
         self.norm = nn.GroupNorm(NUM_GROUPS, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
-        self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor, backend: str) -> Tensor:
         H, W = x.shape[-2:]
-        h = self.proj_in(self.norm(x))                               # (B, inner, H, W)
-        h = rearrange(h, "b c h w -> b (h w) c")                     # H*W tokens
+        h = self.norm(x)                                             # (B, C, H, W)
+        if self.linear:                                              # SD 2.x: tokens first, then project
+            h = self.proj_in(rearrange(h, "b c h w -> b (h w) c"))   # (B, H*W, inner)
+        else:                                                        # SD 1.x: project, then tokens
+            h = rearrange(self.proj_in(h), "b c h w -> b (h w) c")   # (B, H*W, inner)
         for block in self.transformer_blocks:
             h = block(h, context, backend)
-        h = rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
-        return self.proj_out(h) + x
+        if self.linear:
+            h = rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=H, w=W)  # (B, C, H, W)
+        else:
+            h = self.proj_out(rearrange(h, "b (h w) c -> b c h w", h=H, w=W))  # (B, C, H, W)
+        return h + x
 
 
 class Downsample(nn.Module):
@@ -312,7 +363,9 @@ class UNetModel(nn.Module):
         mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
 
         def transformer(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.num_heads, ch // cfg.num_heads, cfg.transformer_depth, cfg.context_dim)
+            heads, dim_head = cfg.heads(ch)
+            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+                                      linear=cfg.use_linear_in_transformer)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 

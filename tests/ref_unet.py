@@ -1,5 +1,9 @@
 """Reference builders for the UNet: diffusers' UNet2DConditionModel on the same weights as ours.
 
+SD 1.x and SD 2.x configs alike: diffusers_unet_config translates num_head_channels (SD 2.x's
+head dim 64) into diffusers' per-level head counts and use_linear_in_transformer into
+use_linear_projection.
+
 Our model is built first (its state_dict has the CompVis checkpoint names), then converted
 with diffusers' own single-file converter `convert_ldm_unet_checkpoint`, which knows the real
 CompVis key names: a wrong name in ldm/unet.py shows up as a missing key when the converted
@@ -39,13 +43,15 @@ def diffusers_unet_config(cfg: UNetConfig) -> dict:
         layers_per_block=cfg.num_res_blocks,
         transformer_layers_per_block=cfg.transformer_depth,
         cross_attention_dim=cfg.context_dim,
-        attention_head_dim=cfg.num_heads,   # diffusers' SD 1.x name for the number of heads
+        # diffusers' name for the number of heads (SD 1.x: 8; SD 2.x: per level, [5, 10, 20, 20])
+        attention_head_dim=(cfg.num_heads if cfg.num_head_channels is None
+                            else tuple(cfg.heads(cfg.model_channels * m)[0] for m in cfg.channel_mult)),
         norm_num_groups=32,
         norm_eps=1e-5,
         flip_sin_to_cos=True,
         freq_shift=0,
         act_fn="silu",
-        use_linear_projection=False,
+        use_linear_projection=cfg.use_linear_in_transformer,
     )
 
 
@@ -80,6 +86,13 @@ def diffusers_unet(cfg: UNetConfig, seed: int = 0):
 def full_pair() -> tuple[UNetModel, object]:
     """(ours, diffusers) full-size SD 1.x UNets sharing one set of random weights; built once."""
     model = ours(UNetConfig(), seed=0)
+    return model, to_diffusers(model)
+
+
+@functools.lru_cache(maxsize=None)
+def full_pair_sd2() -> tuple[UNetModel, object]:
+    """(ours, diffusers) full-size SD 2.x UNets (UNetConfig.sd2()) sharing random weights; built once."""
+    model = ours(UNetConfig.sd2(), seed=0)
     return model, to_diffusers(model)
 
 

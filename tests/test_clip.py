@@ -12,7 +12,7 @@ from ldm.clip import CLIPTextConfig, CLIPTextModel
 REFERENCE = Path(__file__).parent / "reference" / "clip_tiny.safetensors"
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "auto"])
 def test_tiny_matches_transformers_every_layer(backend):
     ours, hf = ref_clip.pair(CLIPTextConfig.tiny())
     ours.backend = backend
@@ -46,6 +46,28 @@ def test_causal_mask_makes_early_tokens_blind_to_later_ones():
         ca, cb = ours(a), ours(b)
     assert_close(ca[:, :10], cb[:, :10])
     assert not torch.allclose(ca[:, 10:], cb[:, 10:])
+
+
+def test_attention_goes_through_ldm_attention_with_causal(monkeypatch):
+    """Every layer calls ldm.attention.attention(..., causal=True) with the model's backend;
+    "triton" is refused there (the flash kernel has no mask), "auto" is the default."""
+    import ldm.clip
+
+    ours = CLIPTextModel(ref_clip.STORED_CONFIG).eval()
+    assert ours.backend == "auto"
+    calls = []
+    real = ldm.clip.attention
+    monkeypatch.setattr(ldm.clip, "attention",
+                        lambda q, k, v, backend, causal: calls.append((backend, causal)) or real(q, k, v, backend, causal=causal))
+    ids = ref_clip.example_ids(batch=1) % 1000
+    with torch.no_grad():
+        ours(ids)
+    assert calls == [("auto", True)] * 2                    # one per layer
+    ours.backend = "triton"
+    with pytest.raises(ValueError, match=r"causal=True is not supported by backend='triton'"):
+        ours(ids)
+    with pytest.raises(ValueError, match=r"backend='fast' is not one of"):
+        CLIPTextModel(ref_clip.STORED_CONFIG, backend="fast")
 
 
 def test_stored_reference_without_transformers():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from einops import rearrange
 from safetensors.torch import load_file
 
 import ref_unet
@@ -142,6 +143,94 @@ def test_stored_reference_tensors():
     torch.testing.assert_close(eps_math, stored["outputs.eps"], **TOL)
 
 
+# ---- SD 2.x: head dim 64, linear proj_in/proj_out, context 1024 -----------------------------
+
+@pytest.fixture(scope="module")
+def tiny_sd2_pair():
+    pytest.importorskip("diffusers")
+    model = ref_unet.ours(UNetConfig.tiny_sd2(), seed=5)
+    return model, ref_unet.to_diffusers(model)
+
+
+def test_sd2_config_is_sd1_with_three_changes():
+    sd1, sd2 = UNetConfig(), UNetConfig.sd2()
+    changed = {k for k in sd1.__dict__ if getattr(sd1, k) != getattr(sd2, k)}
+    assert changed == {"num_head_channels", "use_linear_in_transformer", "context_dim"}
+    assert (sd2.num_head_channels, sd2.use_linear_in_transformer, sd2.context_dim) == (64, True, 1024)
+    assert [sd2.heads(320 * m) for m in (1, 2, 4)] == [(5, 64), (10, 64), (20, 64)]
+    assert [sd1.heads(320 * m) for m in (1, 2, 4)] == [(8, 40), (8, 80), (8, 160)]
+    assert UNetConfig.sd2(in_channels=9).in_channels == 9     # 512-inpainting
+    assert ref_unet.diffusers_unet_config(sd2)["attention_head_dim"] == (5, 10, 20, 20)
+    with pytest.raises(ValueError, match=r"width model_channels\*mult=320 must be divisible by 32 .* "
+                                         r"and num_head_channels=48"):
+        UNetConfig.sd2(num_head_channels=48)
+    with pytest.raises(ValueError, match=r"num_head_channels=0 must be >= 1"):
+        UNetConfig.sd2(num_head_channels=0)
+
+
+@torch.no_grad()
+def test_sd2_blocks_match_diffusers(tiny_sd2_pair):
+    """The linear-projection SpatialTransformer (per-level head counts: 2 x 16, then 4 x 16 in
+    the middle) and its attention against diffusers' blocks on shared tensors."""
+    ours, ref = tiny_sd2_pair
+    g = torch.Generator().manual_seed(6)
+    ctx = torch.randn(2, 7, 48, generator=g)
+    x32, x64 = torch.randn(2, 32, 8, 8, generator=g), torch.randn(2, 64, 4, 4, generator=g)
+    st, st_ref = ours.input_blocks[1][1], ref.down_blocks[0].attentions[0]
+    assert isinstance(st.proj_in, torch.nn.Linear) and st.proj_in.weight.shape == (32, 32)
+    assert st.transformer_blocks[0].attn1.heads == 2 and ours.middle_block[1].transformer_blocks[0].attn1.heads == 4
+    h = torch.randn(2, 64, 32, generator=g)
+    emb = ours.time_embed(timestep_embedding(torch.tensor([3.0, 700.0]), 32))
+    cases = {
+        "cross-attention": (st.transformer_blocks[0].attn2(h, ctx),
+                            st_ref.transformer_blocks[0].attn2(h, encoder_hidden_states=ctx)),
+        "SpatialTransformer (linear)": (st(x32, ctx, "math"), st_ref(x32, encoder_hidden_states=ctx).sample),
+        "middle_block": (ours.middle_block(x64, emb, ctx, "sdpa"), ref.mid_block(x64, emb, encoder_hidden_states=ctx)),
+    }
+    for name, (a, b) in cases.items():
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa", "auto"])
+@torch.no_grad()
+def test_tiny_sd2_unet_matches_diffusers(tiny_sd2_pair, backend):
+    ours, ref = tiny_sd2_pair
+    x, t, ctx = inputs(ours.cfg, h=16, w=8)
+    expected = ref(x, t, encoder_hidden_states=ctx).sample
+    eps = ours(x, t, ctx, attention_backend=backend)
+    print(f"SD 2 tiny UNet ({backend}) max |ours - diffusers| = {(eps - expected).abs().max().item():.2e}")
+    torch.testing.assert_close(eps, expected, **TOL)
+
+
+@torch.no_grad()
+def test_half_precision_attention_survives_scores_beyond_fp16(tiny_sd2_pair):
+    """SD 2.x's black images: q k^T past fp16's 65504 turns a naive fp16 softmax into NaN.
+    With to_q/to_k scaled up so that the scores overflow in fp16, the fp16 UNet stays finite
+    on every CPU backend (the scores and softmax are fp32 inside ldm.attention)."""
+    ours, _ = tiny_sd2_pair
+    model = ref_unet.ours(UNetConfig.tiny_sd2(), seed=5)
+    model.load_state_dict(ours.state_dict())
+    for m in model.modules():
+        if isinstance(m, CrossAttention):
+            m.to_q.weight.mul_(200)
+            m.to_k.weight.mul_(200)
+    x, t, ctx = inputs(model.cfg)
+    attn1 = model.input_blocks[1][1].transformer_blocks[0].attn1
+    seen = {}
+    hooks = [getattr(attn1, name).register_forward_hook(
+        lambda mod, args, out, name=name: seen.setdefault(name, out)) for name in ("to_q", "to_k")]
+    half = model.half()
+    for backend in ("math", "sdpa"):
+        eps = half(x.half(), t, ctx.half(), attention_backend=backend)
+        assert eps.dtype == torch.float16 and torch.isfinite(eps).all(), backend
+    for hook in hooks:
+        hook.remove()
+    q, k = (rearrange(seen[n], "b n (h d) -> b h n d", h=attn1.heads) for n in ("to_q", "to_k"))
+    naive = q @ k.transpose(-1, -2)                          # fp16 scores as a naive path would form them
+    assert torch.isinf(naive).any()                          # ... they do overflow in this model
+    assert torch.isnan(naive.softmax(-1)).any()              # and a fp16 softmax of them is NaN
+
+
 # ---- full SD 1.x architecture, random weights -----------------------------------------------
 
 @pytest.mark.full
@@ -158,6 +247,27 @@ def test_full_size_unet_matches_diffusers():
     eps_sdpa = ours(x, t, ctx, attention_backend="sdpa")
     torch.testing.assert_close(eps_sdpa, expected, **TOL)
     torch.testing.assert_close(ours(x, t, ctx, attention_backend="math"), eps_sdpa, **TOL)
+
+
+@pytest.mark.full
+@torch.no_grad()
+def test_full_size_sd2_unet_matches_diffusers():
+    """SD 2.x: the 686 CompVis keys (linear proj_in/proj_out, to_k/to_v reading 1024) convert
+    with diffusers' converter and load strictly into UNet2DConditionModel(attention_head_dim=
+    [5, 10, 20, 20], use_linear_projection=True, cross_attention_dim=1024); one forward at 8x8."""
+    pytest.importorskip("diffusers")
+    ours, ref = ref_unet.full_pair_sd2()
+    sd = ours.state_dict()
+    assert len(sd) == 686
+    assert sd["input_blocks.1.1.proj_in.weight"].shape == (320, 320)                # Linear, not (320, 320, 1, 1)
+    assert sd["input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 1024)   # the SD 2 detector
+    g = torch.Generator().manual_seed(4)
+    x, ctx, t = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 1024, generator=g), torch.tensor([421])
+    expected = ref(x, t, encoder_hidden_states=ctx).sample
+    for backend in ("sdpa", "math"):
+        eps = ours(x, t, ctx, attention_backend=backend)
+        print(f"SD 2 full-size UNet ({backend}) max |ours - diffusers| = {(eps - expected).abs().max().item():.2e}")
+        torch.testing.assert_close(eps, expected, **TOL)
 
 
 # ---- the architecture table -----------------------------------------------------------------
@@ -191,7 +301,7 @@ def table_from_state_dict(cfg: UNetConfig, latent: int = 64) -> list[list[str]]:
             elif p + "proj_in.weight" in sd:
                 modules.append("SpatialTransformer")
                 width = sd[p + "transformer_blocks.0.attn1.to_q.weight"].shape[0]
-                heads = f"{cfg.num_heads} x {width // cfg.num_heads}"
+                heads = "{} x {}".format(*cfg.heads(width))
             elif p + "op.weight" in sd:
                 modules.append("Downsample")
                 c_in = c_out = sd[p + "op.weight"].shape[0]
@@ -229,6 +339,15 @@ def test_architecture_tables_in_chapter_match_the_networks():
     assert parse_table(shipped_section) == table_from_state_dict(shipped, latent=shipped.sample_size)
 
 
+def test_sd2_table_is_sd1_with_64_channel_heads():
+    """The docstring's table holds for SD 2.x except the heads column: 5/10/20 heads of 64."""
+    sd1, sd2 = table_from_state_dict(UNetConfig()), table_from_state_dict(UNetConfig.sd2())
+    assert [row[:4] for row in sd1] == [row[:4] for row in sd2]
+    heads = {row[0]: row[4] for row in sd2 if row[4] != "-"}
+    assert heads["input_blocks.1"] == "5 x 64" and heads["input_blocks.4"] == "10 x 64"
+    assert heads["input_blocks.7"] == heads["middle_block"] == heads["output_blocks.3"] == "20 x 64"
+
+
 def test_sd_key_counts_and_inpainting_input():
     with torch.device("meta"):
         sd = UNetModel(UNetConfig()).state_dict()
@@ -238,6 +357,10 @@ def test_sd_key_counts_and_inpainting_input():
     assert inpaint["input_blocks.0.0.weight"].shape == (320, 9, 3, 3)
     assert not any(k.endswith(("to_q.bias", "to_k.bias", "to_v.bias")) for k in sd)   # SD 1.x: no q/k/v bias
     assert sd["input_blocks.1.1.proj_in.weight"].shape == (320, 320, 1, 1)            # 1x1 conv, not linear
+    with torch.device("meta"):
+        sd2 = UNetModel(UNetConfig.sd2()).state_dict()
+    assert len(sd2) == 686 and sum(v.numel() for v in sd2.values()) == 865_910_724   # SD 2.x's UNet
+    assert sd2["input_blocks.1.1.proj_in.weight"].shape == (320, 320)                 # linear
 
 
 # ---- inspection -----------------------------------------------------------------------------

@@ -1,0 +1,222 @@
+"""The OpenCLIP ViT-H/14 text tower of SD 2.x: token ids (B, 77) -> context (B, 77, 1024).
+
+SD 2.x replaced OpenAI's CLIP ViT-L/14 (ldm/clip.py) with the text half of LAION's OpenCLIP
+ViT-H/14. It is the same kind of network, a GPT-2-style causal pre-LN transformer, but wider
+(1024, 16 heads of 64), deeper (24 blocks), with the exact GELU instead of quick_gelu, and SD
+2.x reads it one layer earlier: the *penultimate* block's output, then the final layer norm
+(FrozenOpenCLIPEmbedder(layer="penultimate") in the Stability code). Top to bottom:
+
+    ids (B, T=77)                      padded with 0, not EOS (ldm.tokenizer: pad_id=0)
+      -> token_embedding(ids) + positional_embedding        (B, T, 1024)
+      -> 23 of the 24 ResidualAttentionBlocks:               (B, T, 1024)
+             x = x + attn(ln_1(x))     fused in_proj: one (3*1024, 1024) matrix -> q, k, v;
+                                       causal: token i sees tokens 0..i
+             x = x + mlp(ln_2(x))      c_fc 1024->4096, GELU, c_proj 4096->1024
+         (block 23 is in the checkpoint but SD 2.x never runs it)
+      -> ln_final                                            (B, T, 1024) = the context
+
+Parameter names equal the single-file checkpoint keys after `cond_stage_model.model.`
+(open_clip's names: `transformer.resblocks.0.attn.in_proj_weight`, `ln_final.weight`, ...),
+so `load_state_dict(strict=True)` takes them with no renaming, the unused last block,
+`text_projection` and `logit_scale` included (294 tensors for ViT-H). The attention keeps
+torch.nn.MultiheadAttention's layout (`in_proj_weight` rows = [W_q; W_k; W_v], `out_proj`)
+but computes through ldm.attention with `causal=True`, like every other stage.
+
+How this relates to transformers: `CLIPTextModel(hidden_size=1024, num_hidden_layers=23,
+hidden_act="gelu", intermediate_size=4096, num_attention_heads=16)` is the same function once
+in_proj is split into q_proj/k_proj/v_proj (diffusers' single_file_utils.
+convert_open_clip_checkpoint does that and drops block 23); tests/test_openclip.py checks it.
+
+Counting layers. `clip_skip=n` takes the output n blocks before the configured one, as in
+ldm/clip.py: clip_skip=0 is SD 2.x's penultimate block (config.layer_skip=1), clip_skip=1 the
+block before it. That is diffusers' count for SD 2.x (encode_prompt(clip_skip=n) on its
+23-layer CLIPTextModel), so code that maps A1111's "Clip skip" N to clip_skip=N - 1 works for
+both towers. `return_hidden_states=True` gives the embedding output and the output of every
+block that ran (layers - layer_skip + 1 entries, no final layer norm): transformers'
+hidden_states of the 23-layer model.
+
+Reference: Cherti et al. 2023, "Reproducible scaling laws for contrastive language-image
+learning" (OpenCLIP); Radford et al. 2021 (CLIP); Rombach et al. 2022 (SD 2 release notes).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ldm.attention import BACKENDS, attention
+
+__all__ = ["OpenCLIPTextConfig", "OpenCLIPTextModel"]
+
+
+@dataclass(frozen=True)
+class OpenCLIPTextConfig:
+    """The text tower's shape, in open_clip's names. Defaults are ViT-H/14, the one SD 2.x uses."""
+
+    vocab_size: int = 49408
+    context_length: int = 77  # T: the position table's length
+    width: int = 1024  # the width of the context the UNet cross-attends to
+    layers: int = 24  # blocks in the checkpoint
+    heads: int = 16  # head_dim = 1024 / 16 = 64
+    mlp_ratio: float = 4.0  # c_fc: width -> 4 * width
+    embed_dim: int = 1024  # text_projection's output (CLIP's joint space; SD 2.x does not use it)
+    layer_norm_eps: float = 1e-5
+    layer_skip: int = 1  # blocks left unrun at the end: 1 = SD 2.x's "penultimate"
+
+    @classmethod
+    def full(cls) -> "OpenCLIPTextConfig":
+        """ViT-H/14 as SD 2.x (512-base and 768-v) uses it."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "OpenCLIPTextConfig":
+        """A small tower for tests (same vocab and 77 tokens; 3 blocks of which 2 run)."""
+        return cls(width=48, layers=3, heads=4, embed_dim=40)
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ValueError(f"OpenCLIPTextConfig: width={self.width} must be divisible by heads={self.heads}")
+        if not 0 <= self.layer_skip < self.layers:
+            raise ValueError(f"OpenCLIPTextConfig: layer_skip={self.layer_skip} must be in "
+                             f"[0, layers - 1 = {self.layers - 1}]")
+
+    # The two names ldm.prompt and the pipeline read from a text encoder's config (ldm.clip's
+    # CLIPTextConfig fields): the output width, and the blocks the output can be taken from.
+    @property
+    def hidden_size(self) -> int:
+        return self.width
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Blocks that run (23 for SD 2.x): what transformers' equivalent CLIPTextModel has."""
+        return self.layers - self.layer_skip
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+
+# --- building blocks ------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with nn.MultiheadAttention's parameters: one fused
+    in_proj (rows [W_q; W_k; W_v]) and out_proj, so the checkpoint's keys load as they are."""
+
+    def __init__(self, cfg: OpenCLIPTextConfig):
+        super().__init__()
+        C = cfg.width
+        self.heads = cfg.heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * C, C))  # (3C, C)
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * C))
+        self.out_proj = nn.Linear(C, C)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's init
+
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)           # (B, T, 3C)
+        q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.heads)  # each (B, heads, T, d)
+        out = attention(q, k, v, backend=backend, causal=True)              # token i sees tokens 0..i
+        return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))        # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: OpenCLIPTextConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.width, cfg.intermediate_size)
+        self.c_proj = nn.Linear(cfg.intermediate_size, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the exact (erf) GELU; OpenAI's CLIP (ldm.clip) uses quick_gelu here
+        return self.c_proj(F.gelu(self.c_fc(x)))  # (B, T, 4096) inside, (B, T, C) out
+
+
+class ResidualAttentionBlock(nn.Module):
+    """One pre-LN transformer block (open_clip's name)."""
+
+    def __init__(self, cfg: OpenCLIPTextConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), backend=backend)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: OpenCLIPTextConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+class OpenCLIPTextModel(nn.Module):
+    """ids (B, T) -> context (B, T, width): block (layers - layer_skip - clip_skip)'s output, ln_final.
+
+    `model(ids)` is SD 2.x's context. `return_hidden_states=True` also returns the hidden
+    states (see the module docstring); `clip_skip=n` goes n blocks further back. The
+    attributes `text_projection` (width, embed_dim) and `logit_scale` (0-d) are loaded from
+    the checkpoint for completeness; SD 2.x's conditioning uses neither.
+    """
+
+    def __init__(self, cfg: OpenCLIPTextConfig = OpenCLIPTextConfig(), backend: str = "auto"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"OpenCLIPTextModel: backend={backend!r} is not one of {BACKENDS}")
+        self.config = cfg
+        self.backend = backend  # ldm.attention's backend ("auto" = sdpa: causal never takes Triton)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))  # (T, C)
+        self.transformer = Transformer(cfg)
+        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.embed_dim))  # x @ P: (C, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's learned temperature (log), 0-d
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
+
+    def add_embeddings(self, vectors: torch.Tensor) -> list[int]:
+        """Append `vectors` (n, width) as new rows of the token embedding; returns their ids
+        (textual inversion, as CLIPTextModel.add_embeddings; config.vocab_size grows)."""
+        emb = self.token_embedding
+        C = emb.embedding_dim
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] != C \
+                or not vectors.is_floating_point() or not vectors.shape[0]:
+            shown = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+            raise ValueError(f"vectors has shape {shown}; expected a float tensor (n >= 1, {C}), "
+                             f"one row of the text encoder's width {C} per new token")
+        old = emb.weight
+        rows = vectors.detach().to(device=old.device, dtype=old.dtype)
+        emb.weight = nn.Parameter(torch.cat([old.detach(), rows]), requires_grad=old.requires_grad)  # (V + n, C)
+        emb.num_embeddings = emb.weight.shape[0]
+        self.config = replace(self.config, vocab_size=emb.num_embeddings)
+        return list(range(old.shape[0], emb.num_embeddings))
+
+    def forward(self, ids: torch.Tensor, return_hidden_states: bool = False, clip_skip: int = 0):
+        cfg = self.config
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"ids must be an integer tensor of shape (B, T); got shape "
+                             f"{tuple(ids.shape)} and dtype {ids.dtype}")
+        if ids.shape[1] > cfg.context_length:
+            raise ValueError(f"ids has {ids.shape[1]} tokens; at most {cfg.context_length} are allowed")
+        run = cfg.num_hidden_layers  # blocks that run: layers - layer_skip (23 of 24 for SD 2.x)
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < run:
+            raise ValueError(f"clip_skip={clip_skip!r} must be an int in [0, {run - 1}]")
+
+        T = ids.shape[1]
+        x = self.token_embedding(ids.long()) + self.positional_embedding[:T]  # (B, T, C)
+        hidden_states = [x]
+        for block in self.transformer.resblocks[:run]:
+            x = block(x, backend=self.backend)  # (B, T, C)
+            hidden_states.append(x)
+        context = self.ln_final(hidden_states[-1 - clip_skip])  # (B, T, C)
+        if return_hidden_states:
+            return context, hidden_states
+        return context
