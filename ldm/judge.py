@@ -21,6 +21,11 @@ No network, just four readable steps, each of which a reader can check by eye:
 
 It is meant for what a small diffusion model paints: colours a little off, soft edges and
 speckles are absorbed by nearest-colour assignment and the minimum area.
+
+It names the world's six colours only, unless asked for more: every reading function takes
+extra_colors={name: (r, g, b)}, e.g. {"orange": (255, 128, 0)} for a model fine-tuned on a colour
+the world never shows (ldm.finetune). Each extra colour must stand at least MIN_EXTRA_DIST from
+every world colour, so that a world colour painted a little off is still read as itself.
 """
 from __future__ import annotations
 
@@ -34,10 +39,12 @@ from PIL import Image
 
 from ldm import shapes as world
 
-__all__ = ["Detection", "read", "background", "score", "explain", "accuracy", "degrade", "MIN_AREA", "MAX_COLOR_DIST"]
+__all__ = ["Detection", "read", "background", "score", "explain", "accuracy", "degrade", "MIN_AREA", "MAX_COLOR_DIST",
+           "MIN_EXTRA_DIST"]
 
 MIN_AREA = 40         # px; the smallest shape in the world (a triangle with r = 9) covers about 140
 MAX_COLOR_DIST = 110  # RGB distance (0-255 units); colours in the palette are at least 124 apart
+MIN_EXTRA_DIST = 80   # an extra colour's distance from every world colour: a 40-unit margin each side
 # Area per r^2 (r = half the box width): what turns a blob's area into the r of each candidate shape.
 AREA_PER_R2 = {"triangle": math.sqrt(3), "circle": math.pi, "square": 4.0}
 SIZE_SPLIT = (world.RADIUS["small"][1] + world.RADIUS["large"][0]) / 2  # r below it: small (13 px)
@@ -46,6 +53,26 @@ _SHAPE_NAMES = list(world.COLORS)
 _SHAPE_RGB = np.array([world.COLORS[c] for c in _SHAPE_NAMES], np.float32)     # (6, 3)
 _BG_NAMES = list(world.BACKGROUNDS)
 _BG_RGB = np.array([world.BACKGROUNDS[c] for c in _BG_NAMES], np.float32)       # (3, 3)
+
+
+def _palette(extra_colors: dict | None) -> tuple[list[str], np.ndarray]:
+    """The shape colours the judge names: the world's six, then extra_colors {name: (r, g, b)}, checked."""
+    if not extra_colors:
+        return _SHAPE_NAMES, _SHAPE_RGB
+    names, rgb = list(_SHAPE_NAMES), [_SHAPE_RGB]
+    world_rgb = np.concatenate([_SHAPE_RGB, _BG_RGB])
+    for name, value in extra_colors.items():
+        c = np.asarray(value, np.float32)
+        if name in names or name in _BG_NAMES or c.shape != (3,) or not ((c >= 0) & (c <= 255)).all():
+            raise ValueError(f"extra_colors[{name!r}] = {value!r}: expected a new name and (r, g, b) in 0-255")
+        d = np.sqrt(((world_rgb - c) ** 2).sum(-1))
+        if d.min() < MIN_EXTRA_DIST:
+            near = (_SHAPE_NAMES + _BG_NAMES)[int(d.argmin())]
+            raise ValueError(f"extra_colors[{name!r}] = {value!r} is {d.min():.0f} from {near}; the judge needs "
+                             f"at least {MIN_EXTRA_DIST} from every world colour")
+        names.append(name)
+        rgb.append(c[None])
+    return names, np.concatenate(rgb)
 
 
 @dataclass
@@ -99,20 +126,20 @@ def _dist(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return np.sqrt(((rgb[:, :, None, :] - palette[None, None]) ** 2).sum(-1))
 
 
-def _background(rgb: np.ndarray) -> tuple[str, np.ndarray]:
+def _background(rgb: np.ndarray, palette=(_SHAPE_NAMES, _SHAPE_RGB)) -> tuple[str, np.ndarray]:
     """Step 1: the background colour that most pixels are nearest to (among all palette colours), and the counts."""
-    d = _dist(rgb, np.concatenate([_BG_RGB, _SHAPE_RGB]))
-    counts = np.bincount(d.argmin(-1).ravel(), minlength=len(_BG_NAMES) + len(_SHAPE_NAMES))[:len(_BG_NAMES)]
+    d = _dist(rgb, np.concatenate([_BG_RGB, palette[1]]))
+    counts = np.bincount(d.argmin(-1).ravel(), minlength=len(_BG_NAMES) + len(palette[0]))[:len(_BG_NAMES)]
     return _BG_NAMES[int(counts.argmax())], counts
 
 
-def background(image) -> str:
+def background(image, extra_colors: dict | None = None) -> str:
     """The background colour's name."""
-    return _background(_as_rgb(image))[0]
+    return _background(_as_rgb(image), _palette(extra_colors))[0]
 
 
-def _colour_map(rgb: np.ndarray, bg: str) -> tuple[np.ndarray, np.ndarray]:
-    """Step 2: (H, W) index into _SHAPE_NAMES (-1: background or no colour), and each pixel's residual.
+def _colour_map(rgb: np.ndarray, bg: str, palette=(_SHAPE_NAMES, _SHAPE_RGB)) -> tuple[np.ndarray, np.ndarray]:
+    """Step 2: (H, W) index into the palette's names (-1: background or no colour), and each pixel's residual.
 
     Each pixel is read as the background blended with one shape colour c: p = bg + alpha (c - bg).
     For each c, alpha is the projection of p - bg on c - bg (clipped to [0, 1]) and the residual is
@@ -120,10 +147,10 @@ def _colour_map(rgb: np.ndarray, bg: str) -> tuple[np.ndarray, np.ndarray]:
     the shape's when alpha >= 0.5 (the shape covers most of it) and the residual <= MAX_COLOR_DIST.
     Reading blends (not nearest colours) keeps a soft cyan edge on black from passing for green."""
     b = _BG_RGB[_BG_NAMES.index(bg)]
-    v = _SHAPE_RGB - b                                                  # (6, 3) background -> colour
+    v = palette[1] - b                                                  # (K, 3) background -> colour
     q = rgb - b                                                         # (H, W, 3)
-    alpha = np.clip((q @ v.T) / (v * v).sum(-1), 0.0, 1.0)              # (H, W, 6)
-    resid = np.sqrt(((q[:, :, None, :] - alpha[..., None] * v) ** 2).sum(-1))  # (H, W, 6)
+    alpha = np.clip((q @ v.T) / (v * v).sum(-1), 0.0, 1.0)              # (H, W, K)
+    resid = np.sqrt(((q[:, :, None, :] - alpha[..., None] * v) ** 2).sum(-1))  # (H, W, K)
     best = resid.argmin(-1)
     a = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
     dist = np.take_along_axis(resid, best[..., None], -1)[..., 0]
@@ -170,9 +197,9 @@ def _nearest_place(cx: float, cy: float) -> str:
     return min(world.ANCHORS, key=lambda p: (world.ANCHORS[p][0] - cx) ** 2 + (world.ANCHORS[p][1] - cy) ** 2)
 
 
-def _read(rgb: np.ndarray) -> tuple[str, list[Detection]]:
-    bg, _ = _background(rgb)
-    label, dist = _colour_map(rgb, bg)
+def _read(rgb: np.ndarray, palette=(_SHAPE_NAMES, _SHAPE_RGB)) -> tuple[str, list[Detection]]:
+    bg, _ = _background(rgb, palette)
+    label, dist = _colour_map(rgb, bg, palette)
     ids = _blobs(label)
     found = []
     for blob, area in zip(*np.unique(ids[ids >= 0], return_counts=True)):
@@ -185,7 +212,7 @@ def _read(rgb: np.ndarray) -> tuple[str, list[Detection]]:
         iou = _classify(ids == blob, cx, cy)
         shape = max(iou, key=iou.get)
         r = math.sqrt(area / AREA_PER_R2[shape])
-        color = _SHAPE_NAMES[int(label[ys[0], xs[0]])]
+        color = palette[0][int(label[ys[0], xs[0]])]
         found.append(Detection(shape, color, "small" if r < SIZE_SPLIT else "large", "", cx, cy, r, int(area),
                                fill, iou, (x0, y0, x1, y1), float(dist[ys, xs].mean())))
     found.sort(key=lambda d: -d.area)
@@ -202,31 +229,32 @@ def _as_shape(d: Detection) -> world.Shape:
     return world.Shape(d.shape, d.color, d.size, d.position, d.cx, d.cy, d.r)
 
 
-def read(image) -> list[Detection]:
+def read(image, extra_colors: dict | None = None) -> list[Detection]:
     """The shapes in the image, largest first."""
-    return _read(_as_rgb(image))[1]
+    return _read(_as_rgb(image), _palette(extra_colors))[1]
 
 
-def _scene(image) -> world.Scene:
+def _scene(image, extra_colors: dict | None = None) -> world.Scene:
     """What the judge sees, as a world Scene (relation of the first detection to the second)."""
-    bg, found = _read(_as_rgb(image))
+    bg, found = _read(_as_rgb(image), _palette(extra_colors))
     shapes = tuple(_as_shape(d) for d in found)
     relation = world.relation_of(shapes[0], shapes[1]) if len(shapes) == 2 else None
     return world.Scene(shapes, bg, relation)
 
 
-def score(image, prompt: str) -> dict[str, bool | None]:
-    """Does the image show what the prompt asks? See ldm.shapes.compare for the keys; None = not asked."""
-    return world.compare(world.parse(prompt), _scene(image))
+def score(image, prompt: str, extra_colors: dict | None = None) -> dict[str, bool | None]:
+    """Does the image show what the prompt asks? See ldm.shapes.compare for the keys; None = not asked.
+    extra_colors: colours besides the world's, both in the prompt ("an orange circle") and in the image."""
+    return world.compare(world.parse(prompt, extra_colors or ()), _scene(image, extra_colors))
 
 
-def explain(image) -> str:
+def explain(image, extra_colors: dict | None = None) -> str:
     """A short account of what the judge sees and the numbers behind each decision."""
-    rgb = _as_rgb(image)
-    bg, counts = _background(rgb)
+    rgb, palette = _as_rgb(image), _palette(extra_colors)
+    bg, counts = _background(rgb, palette)
     bg_text = ", ".join(f"{n} {c}" for n, c in zip(_BG_NAMES, counts))
     lines = [f"background: {bg} (pixels nearest each background colour: {bg_text})"]
-    found = _read(rgb)[1]
+    found = _read(rgb, palette)[1]
     for i, d in enumerate(found):
         w, h = d.box[2] - d.box[0] + 1, d.box[3] - d.box[1] + 1
         overlaps = ", ".join(f"{s} {v:.2f}" for s, v in d.iou.items())
@@ -261,8 +289,9 @@ def degrade(images: torch.Tensor, *, blur: float = 0.0, noise: float = 0.0, seed
 
 
 def accuracy(n: int = 1000, seed: int = 0, *, held_out: bool = False, blur: float = 0.0,
-             noise: float = 0.0) -> dict[str, float]:
+             noise: float = 0.0, extra_colors: dict | None = None) -> dict[str, float]:
     """read() against the true scenes of n world images (optionally degraded): the fraction right, per attribute.
+    extra_colors: read them with these colours in the palette too (does adding one confuse the world's?).
 
     Each true shape is paired with the detection nearest its centre. count, color+shape (every shape
     found with its colour and shape, and nothing else), background and all are per image; color,
@@ -270,9 +299,10 @@ def accuracy(n: int = 1000, seed: int = 0, *, held_out: bool = False, blur: floa
     for one of two); relation is per two-shape image."""
     images, _, scenes = world.batch(n, seed, held_out=held_out)
     images = degrade(images, blur=blur, noise=noise, seed=seed)
+    palette = _palette(extra_colors)
     right, total = Counter(), Counter()
     for img, scene in zip(images, scenes):
-        bg, found = _read(_as_rgb(img))
+        bg, found = _read(_as_rgb(img), palette)
         per_image = {"count": len(found) == len(scene.shapes), "background": bg == scene.background}
         pairs = []
         for s in scene.shapes:

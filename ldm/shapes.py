@@ -176,13 +176,16 @@ def coverage(s: Shape) -> np.ndarray:
     return np.clip(0.5 - _outside(s, _X, _Y), 0.0, 1.0)
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The scene as a (64, 64, 3) uint8 image: flat colours, edges anti-aliased by coverage."""
+def render(scene: Scene, extra_colors: dict[str, tuple[int, int, int]] | None = None) -> np.ndarray:
+    """The scene as a (64, 64, 3) uint8 image: flat colours, edges anti-aliased by coverage.
+    extra_colors: {name: (r, g, b)} for shape colours outside COLORS (a colour the world never shows,
+    as ldm.finetune teaches one); the world itself never draws them."""
+    palette = {**COLORS, **(extra_colors or {})}
     img = np.empty((SIZE_PX, SIZE_PX, 3), np.float32)
     img[:] = BACKGROUNDS[scene.background]
     for s in scene.shapes:
         cover = coverage(s)[..., None]  # (64, 64, 1) fraction inside
-        img += cover * (np.asarray(COLORS[s.color], np.float32) - img)
+        img += cover * (np.asarray(palette[s.color], np.float32) - img)
     return np.rint(img).astype(np.uint8)
 
 
@@ -281,8 +284,10 @@ _PLACE_WORDS = {"center": "center", "middle": "center",
                 **{p: p for p in POSITIONS[1:]}, **{p + " corner": p for p in POSITIONS[1:]}}
 
 
-def parse(prompt: str) -> Prompt:
-    """What a prompt from the grammar asks for. Raises ValueError (one line) on text outside it."""
+def parse(prompt: str, extra_colors=()) -> Prompt:
+    """What a prompt from the grammar asks for. Raises ValueError (one line) on text outside it.
+    extra_colors: colour names read besides COLORS (e.g. {"orange": ...}: only its names count)."""
+    colors = (*COLORS, *extra_colors)
     if not isinstance(prompt, str):
         raise ValueError(f"prompt={prompt!r}: expected a string")
     words = re.sub(r"[,.!]", " ", prompt.lower()).split()
@@ -291,7 +296,7 @@ def parse(prompt: str) -> Prompt:
     def fail(why: str):
         raise ValueError(f"prompt {prompt!r}: {why}; the grammar is '[a] [size] [colour] shape [in the place] "
                          f"[above|below|to the left of|to the right of|and a ...] [on a <bg> background]' with "
-                         f"sizes {SIZES}, colours {tuple(COLORS)}, shapes {SHAPES}, places {tuple(_PLACE_WORDS)}, "
+                         f"sizes {SIZES}, colours {colors}, shapes {SHAPES}, places {tuple(_PLACE_WORDS)}, "
                          f"backgrounds {tuple(BACKGROUNDS)}")
 
     def at(*seq: str) -> bool:
@@ -304,7 +309,7 @@ def parse(prompt: str) -> Prompt:
         size = color = shape = None
         if i < len(words) and words[i] in SIZES:
             size, i = words[i], i + 1
-        if i < len(words) and words[i] in COLORS:
+        if i < len(words) and words[i] in colors:
             color, i = words[i], i + 1
         if i < len(words) and (words[i] in SHAPES or words[i] == "shape"):
             shape, i = (None if words[i] == "shape" else words[i]), i + 1

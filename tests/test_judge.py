@@ -1,4 +1,6 @@
 """The judge reads the world's images right, also when they are blurred and noisy, and scores prompts."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,33 @@ def test_empty_image_and_explain():
     text = judge.explain(_image(TOP, BOTTOM))
     assert "red circle" in text and "overlap" in text
     assert "the blue square is below the red circle" in text
+
+
+ORANGE = {"orange": (255, 128, 0)}  # ldm.finetune's new colour
+
+
+def test_an_extra_colour_only_when_asked():
+    """With orange in its palette the judge still reads the world right, reads orange shapes as orange
+    (also blurred and noisy), and scores prompts that name it; without it orange is not a colour."""
+    assert judge.accuracy(150, seed=4, extra_colors=ORANGE)["color+shape"] >= 0.98
+    assert judge.accuracy(100, seed=5, blur=1.0, noise=0.15, extra_colors=ORANGE)["color+shape"] >= 0.98
+    rng = np.random.default_rng(6)
+    scenes = []
+    for _ in range(60):
+        s = shapes.random_scene(rng)
+        scenes.append(shapes.Scene((replace(s.shapes[0], color="orange"), *s.shapes[1:]), s.background, s.relation))
+    x = judge.degrade(shapes.to_tensor(np.stack([shapes.render(s, ORANGE) for s in scenes])), blur=1.0, noise=0.15)
+    right = [sorted((d.color, d.shape) for d in judge.read(img, ORANGE)) == sorted((t.color, t.shape) for t in s.shapes)
+             for img, s in zip(x, scenes)]
+    assert np.mean(right) >= 0.98
+    orange = shapes.render(shapes.Scene((replace(RED_CIRCLE, color="orange"),), "white", None), ORANGE)
+    assert judge.score(orange, "an orange circle", ORANGE)["all"]
+    assert not judge.score(orange, "a red circle", ORANGE)["color"]
+    assert "orange circle" in judge.explain(orange, ORANGE)
+    assert all(d.color != "orange" for d in judge.read(orange))  # not asked: the six world colours only
+    with pytest.raises(ValueError, match="an orange circle"):
+        judge.score(orange, "an orange circle")  # not asked: not a word of the grammar
+    for bad, words in (({"gold": (245, 200, 40)}, "from yellow"), ({"red": (1, 2, 3)}, "a new name"),
+                       ({"x": (300, 0, 0)}, "0-255")):
+        with pytest.raises(ValueError, match=words):
+            judge.read(orange, bad)

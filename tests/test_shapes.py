@@ -140,3 +140,18 @@ def test_parse_rejects_text_outside_the_grammar(text):
 def test_random_scene_rejects_bad_count():
     with pytest.raises(ValueError, match="num_shapes=3"):
         shapes.random_scene(np.random.default_rng(0), num_shapes=3)
+
+
+def test_a_colour_outside_the_world():
+    """render and parse take extra colours when asked (ldm.finetune's orange); the world never draws them."""
+    extra = {"orange": (255, 128, 0)}
+    s = shapes.Shape("circle", "orange", "large", "center", 32, 32, 16)
+    img = shapes.render(shapes.Scene((s,), "black", None), extra)
+    assert (img[shapes.coverage(s) == 1.0] == extra["orange"]).all()
+    with pytest.raises(KeyError):
+        shapes.render(shapes.Scene((s,), "black", None))
+    assert shapes.parse("an orange circle", extra).shapes[0] == shapes.ShapeSpec("circle", "orange")
+    with pytest.raises(ValueError, match="orange"):
+        shapes.parse("an orange circle")
+    rng = np.random.default_rng(0)
+    assert all(sh.color in shapes.COLORS for _ in range(200) for sh in shapes.random_scene(rng).shapes)
