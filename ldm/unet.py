@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -80,6 +80,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ldm.attention import BACKENDS, attention
+from ldm.capture import Capture, capture
 
 NUM_GROUPS = 32  # every GroupNorm in SD 1.x has 32 groups
 
@@ -334,24 +335,6 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-@dataclass
-class Capture:
-    """What `UNetModel.capture` recorded during the last forward inside its `with` block.
-
-    features[name]   output of module `name`, e.g. "input_blocks.4" (B, C, H, W)
-    attention[name]  probabilities of attention layer `name`      (B, heads, H*W, M)
-    sizes[name]      the (H, W) of the feature map that layer attended over
-    """
-    features: dict[str, Tensor] = field(default_factory=dict)
-    attention: dict[str, Tensor] = field(default_factory=dict)
-    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    def token_maps(self, name: str) -> Tensor:
-        """Attention of layer `name` as images, one per key token: (B, heads, M, H, W)."""
-        H, W = self.sizes[name]
-        return rearrange(self.attention[name], "b heads (h w) m -> b heads m h w", h=H, w=W)
-
-
 class UNetModel(nn.Module):
     """eps = unet(x, t, context): x (B, in_channels, h, w), t (B,) or scalar, context (B, T, context_dim)."""
 
@@ -459,39 +442,6 @@ class UNetModel(nn.Module):
                 eps = unet(x, t, context)
             cap.features["middle_block"], cap.token_maps(unet.attention_layers()[0])
         """
-        modules = dict(self.named_modules())
-        for name in features:
-            if name not in modules or name == "":
-                raise ValueError(f"capture: features entry {name!r} is not a module of the UNet "
-                                 f"(e.g. 'input_blocks.0' .. 'input_blocks.{len(self.input_blocks) - 1}', "
-                                 f"'middle_block', 'output_blocks.3.1', 'out')")
-        for name in attention:
-            if not isinstance(modules.get(name), CrossAttention):
-                raise ValueError(f"capture: attention entry {name!r} is not an attention layer; "
-                                 f"valid names: {self.attention_layers('all')}")
-        cap, handles, hooked = Capture(), [], []
-
-        def store_feature(name):
-            return lambda module, args, out: cap.features.__setitem__(name, out.detach())
-
-        def store_size(name):
-            return lambda module, args: cap.sizes.__setitem__(name, tuple(args[0].shape[-2:]))
-
-        def store_probs(name):
-            return lambda probs: cap.attention.__setitem__(name, probs.detach())
-
-        try:
-            for name in features:
-                handles.append(modules[name].register_forward_hook(store_feature(name)))
-            for name in attention:
-                # the SpatialTransformer holding this layer: ...1.transformer_blocks.0.attn2 -> ...1
-                transformer = name.rsplit(".transformer_blocks.", 1)[0]
-                handles.append(modules[transformer].register_forward_pre_hook(store_size(name)))
-                modules[name].probs_hook = store_probs(name)
-                hooked.append(modules[name])
-            yield cap
-        finally:
-            for handle in handles:
-                handle.remove()
-            for module in hooked:
-                module.probs_hook = None
+        with capture(self, features, attention, layers=self.attention_layers("all"), what="the UNet",
+                     spatial_of=lambda name: name.rsplit(".transformer_blocks.", 1)[0]) as cap:
+            yield cap  # the SpatialTransformer holding ...1.transformer_blocks.0.attn2 is ...1: its input's H, W
