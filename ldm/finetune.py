@@ -1,6 +1,6 @@
 """Teach the shipped model a colour its world never shows, with a LoRA: "an orange circle".
 
-    python -m ldm.finetune --out runs/orange.safetensors              # about 5 minutes on one CPU thread
+    python -m ldm.finetune --out runs/orange.safetensors              # 3-5 minutes on one CPU thread
     python -m ldm.finetune --out runs/o.safetensors --steps 300 --rank 8 --color orange=255,128,0
     ldm generate "an orange circle" --lora runs/orange.safetensors    # what it learnt
 
@@ -12,8 +12,9 @@ Conv2d modules W, two thin matrices down (r, in) and up (out, r):
     y = W x + (alpha / r) * up(down(x))            up starts at 0: step 0 is the base model exactly
 
 Here they sit on the UNet's attention blocks (proj_in, q/k/v/out of self- and cross-attention, the
-feed-forward, proj_out; --convs adds the ResBlock convolutions, LoCon-style) and on the text
-encoder's q/k/v/out and MLP Linears, so that the new word gets a meaning and the image a new colour.
+feed-forward, proj_out), on its ResBlock convolutions (LoCon-style; --no-convs leaves them out: the
+colour then comes out red-orange more often) and on the text encoder's q/k/v/out and MLP Linears,
+so that the new word gets a meaning and the image a new colour.
 
 The recipe, top to bottom:
 
@@ -21,11 +22,13 @@ The recipe, top to bottom:
    with the colour replaced by the new one (shapes.render draws it through extra_colors). Their
    captions come from the world's grammar at every step ("an orange circle in the top left", "a
    large orange shape on a black background"), like ldm.train's.
-2. Latents: the frozen VAE's encoder never saw orange either, and maps it to red: decoded, an
-   orange (255, 128, 0) shape comes back about (220, 55, 35). The decoder can still paint orange,
-   from latents the encoder never outputs, so the targets are found by gradient descent on the
+2. Latents: the frozen VAE never saw orange either. How it encodes it depends on the VAE: the
+   first shipped one turned an orange (255, 128, 0) shape red, about (220, 60, 35) decoded; the
+   retrained one gives it back as (242, 121, 27). The decoder can paint orange either way, from
+   latents the encoder may never output, so the targets are refined by gradient descent on the
    decoder's reconstruction loss, starting from the encoder's mean (latent inversion; `invert`),
    moving only the latent cells under the shape: the background keeps the encoder's own latents.
+   The log says what the encoder's mean and the inverted latents decode to.
 3. Prior preservation (as DreamBooth's): by default half of every batch is ordinary world scenes
    from ldm.train's own scene pool, so the LoRA learns orange without unlearning red or yellow.
 4. Loss: ldm.train's stage-2 objective, the simplified epsilon loss of Ho et al. 2020,
@@ -85,19 +88,19 @@ class FinetuneConfig:
     color: str = "orange"          # the new colour's name, a word the world's grammar does not know
     rgb: tuple = (255, 128, 0)     # and its value (0-255)
     images: int = 48               # scenes of the new colour, a third each shape
-    steps: int = 150
+    steps: int = 600
     batch: int = 16
     prior: float = 0.5             # fraction of each batch drawn from the ordinary world (prior preservation)
     rank: int = 8
     alpha: float = 0.0             # 0: alpha = rank (scale 1)
     lr: float = 3e-3
-    warmup: int = 15
+    warmup: int = 40
     min_lr_frac: float = 0.1
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
     text_encoder: bool = True      # LoRA on the text encoder too (the new word needs a meaning)
-    convs: bool = False            # LoRA on the UNet's ResBlock convolutions too
-    invert_steps: int = 30         # Adam steps of latent inversion (0: the encoder's mean, which paints red)
+    convs: bool = True             # LoRA on the UNet's ResBlock convolutions too (LoCon)
+    invert_steps: int = 30         # Adam steps of latent inversion (0: the encoder's mean as it is)
     invert_lr: float = 0.3
     pool_size: int = 512           # ordinary world scenes encoded for prior preservation
     seed: int = 0
@@ -185,9 +188,9 @@ def invert(vae, x: torch.Tensor, steps: int, lr: float, mask: torch.Tensor | Non
 
     Starts from the encoder's posterior mean z0 and takes `steps` Adam steps on ldm.train's
     reconstruction loss (L1 + MSE on pixels) over z = z0 + mask * delta; the VAE stays frozen. With
-    mask = shape_cells(...) only the cells under the shapes move: left free, every cell drifts (by
-    about 20 posterior stds) to latents the decoder renders the same but the UNet never saw, and a
-    LoRA trained on them paints noisy backgrounds."""
+    mask = shape_cells(...) only the cells under the shapes move: left free, every cell drifts (on the
+    first shipped VAE by about 20 posterior stds, background too) to latents the decoder renders the
+    same but the UNet never saw, and a LoRA trained on them painted noisy backgrounds."""
     with torch.no_grad():
         z0 = vae.encode(x).mean
     mask = torch.ones_like(z0[:, :1]) if mask is None else mask.to(z0)
@@ -413,8 +416,8 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
                             help=f"(default {d[name].default})")
     parser.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=True,
                         help="LoRA on the text encoder too (default: yes)")
-    parser.add_argument("--convs", action=argparse.BooleanOptionalAction, default=False,
-                        help="LoRA on the UNet's ResBlock convolutions too (default: no)")
+    parser.add_argument("--convs", action=argparse.BooleanOptionalAction, default=True,
+                        help="LoRA on the UNet's ResBlock convolutions too (default: yes)")
     parser.add_argument("--device", default="cpu")
     args = vars(parser.parse_args(argv))
     color = args.pop("color")
