@@ -53,3 +53,14 @@ def real_checkpoint() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes on a shared 2-core machine: one thread ran a tiny UNet forward in 48 ms, two
+    threads fighting other processes for the cores in 0.7-1.3 s. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
