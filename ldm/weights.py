@@ -32,6 +32,7 @@ from ldm import checkpoint, families
 from ldm.checkpoint.write import (CONFIG_METADATA_KEY, RANDOM_METADATA_KEY, single_file_state_dict,  # noqa: F401
                                   write_single_file)
 from ldm.clip import CLIPTextConfig
+from ldm.openclip import OpenCLIPTextConfig, OpenCLIPTextModel
 from ldm.unet import UNetConfig
 from ldm.vae import VAEConfig
 
@@ -140,12 +141,19 @@ def _check_against_tensors(where: str, configs: dict, ck) -> None:
     te, unet, vae = configs["text_encoder"], configs["unet"], configs["vae"]
     L, n = len(unet.channel_mult), unet.num_res_blocks
     depths = {int(m.group(1)) for k in ck.unet for m in [re.search(r"\.transformer_blocks\.(\d+)\.", k)] if m}
-    checks = [] if not isinstance(te, CLIPTextConfig) else [  # CLIP's own names (another tower checks its own)
-        ("text_encoder", "num_hidden_layers", te.num_hidden_layers, _count(ck.text_encoder, "text_model.encoder.layers.")),
-        ("text_encoder", "hidden_size", te.hidden_size, _shape(ck.text_encoder, "text_model.embeddings.token_embedding.weight", 1)),
-        ("text_encoder", "vocab_size", te.vocab_size, _shape(ck.text_encoder, "text_model.embeddings.token_embedding.weight", 0)),
-        ("text_encoder", "max_position_embeddings", te.max_position_embeddings,
-         _shape(ck.text_encoder, "text_model.embeddings.position_embedding.weight", 0))]
+    if isinstance(te, CLIPTextConfig):  # each text tower under its own names
+        checks = [
+            ("text_encoder", "num_hidden_layers", te.num_hidden_layers, _count(ck.text_encoder, "text_model.encoder.layers.")),
+            ("text_encoder", "hidden_size", te.hidden_size, _shape(ck.text_encoder, "text_model.embeddings.token_embedding.weight", 1)),
+            ("text_encoder", "vocab_size", te.vocab_size, _shape(ck.text_encoder, "text_model.embeddings.token_embedding.weight", 0)),
+            ("text_encoder", "max_position_embeddings", te.max_position_embeddings,
+             _shape(ck.text_encoder, "text_model.embeddings.position_embedding.weight", 0))]
+    else:  # OpenCLIP (SD 2.x)
+        checks = [
+            ("text_encoder", "layers", te.layers, _count(ck.text_encoder, "transformer.resblocks.")),
+            ("text_encoder", "width", te.width, _shape(ck.text_encoder, "token_embedding.weight", 1)),
+            ("text_encoder", "vocab_size", te.vocab_size, _shape(ck.text_encoder, "token_embedding.weight", 0)),
+            ("text_encoder", "context_length", te.context_length, _shape(ck.text_encoder, "positional_embedding", 0))]
     checks += [
         ("unet", "channel_mult and num_res_blocks (input blocks)", 1 + L * n + L - 1, _count(ck.unet, "input_blocks.")),
         ("unet", "channel_mult and num_res_blocks (output blocks)", L * (n + 1), _count(ck.unet, "output_blocks.")),
@@ -236,24 +244,33 @@ def random_init_(model: nn.Module, seed: int = 0) -> nn.Module:
             p.copy_(pool[start:start + n].view(p.shape))  # in place: no 3.4 GB of temporaries
             if id(p) in norm_params:
                 p.mul_(0.1).add_(1.0)
-            elif p.dim() == 1:
+            elif p.dim() <= 1:  # biases; OpenCLIP's 0-d logit_scale
                 p.mul_(0.05)
             else:
                 p.mul_(1.0 / math.sqrt(3 * n / p.shape[0]))
     return model
 
 
-def random_models(size: str = "tiny", seed: int = 0, inpainting: bool = False):
-    """(text_encoder, unet, vae, configs) with random weights: `size` "tiny" or "full" (the family's
-    own configs: SD 1.x, or SD 1.5 inpainting with inpainting=True)."""
+def tiny_configs(family: str = "sd1") -> dict:
+    """The tiny test configs of a family's stages: its shapes (layout, head split, projections) at small widths."""
+    family = families.get(family)
+    if not family.supported:
+        raise ValueError(f"family={family.name!r} ({family.title}) has no stages in ldm yet")
+    if family.models["text_encoder"] is OpenCLIPTextModel:  # SD 2.x
+        return {"text_encoder": OpenCLIPTextConfig.tiny(), "vae": VAEConfig.tiny(),
+                "unet": dataclasses.replace(UNetConfig.tiny_sd2(), in_channels=family.unet_in_channels)}
+    return {"text_encoder": CLIPTextConfig.tiny(), "vae": VAEConfig.tiny(),
+            "unet": dataclasses.replace(UNetConfig.tiny(), in_channels=family.unet_in_channels)}
+
+
+def random_models(size: str = "tiny", seed: int = 0, inpainting: bool = False, family: str | None = None):
+    """(text_encoder, unet, vae, configs) with random weights: `size` "tiny" or "full" (the family's own
+    configs). `family` is a name in ldm.families ("sd1", "sd2", "sd2-v", ...; default "sd1", or
+    "sd1-inpaint" with inpainting=True)."""
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not one of {SIZES}")
-    family = families.get("sd1-inpaint" if inpainting else "sd1")
-    if size == "tiny":
-        configs = {"text_encoder": CLIPTextConfig.tiny(), "vae": VAEConfig.tiny(),
-                   "unet": dataclasses.replace(UNetConfig.tiny(), in_channels=family.unet_in_channels)}
-    else:
-        configs = dict(family.configs)
+    family = families.get(family or ("sd1-inpaint" if inpainting else "sd1"))
+    configs = tiny_configs(family) if size == "tiny" else dict(family.configs)
     models = []
     for i, stage in enumerate(("text_encoder", "unet", "vae")):
         with torch.device("meta"):  # shapes only: random_init_ fills every parameter
@@ -263,14 +280,17 @@ def random_models(size: str = "tiny", seed: int = 0, inpainting: bool = False):
 
 
 def random_checkpoint(path, size: str = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0,
-                      inpainting: bool = False) -> Path:
-    """Write a random-weight checkpoint in the real SD 1.x single-file layout (tiny: its configs in the metadata).
+                      inpainting: bool = False, family: str | None = None) -> Path:
+    """Write a random-weight checkpoint in the family's real single-file layout (SD 1.x by default;
+    tiny: its configs in the metadata). SD 2.x files say which variant they are in the
+    metadata (modelspec.architecture, modelspec.prediction_type), as the model spec asks.
 
     Every stage runs end to end on it (its images are noise); it is what the tests and the
     README's first command use when no real weights are at hand.
     """
     if Path(path).exists():  # check before spending seconds on random weights
         raise FileExistsError(f"{path} already exists; not overwritten (delete it or pick another path)")
-    text_encoder, unet, vae, configs = random_models(size, seed, inpainting)
-    return write_single_file(path, text_encoder, unet, vae, dtype=dtype,
+    family = families.get(family or ("sd1-inpaint" if inpainting else "sd1"))
+    text_encoder, unet, vae, configs = random_models(size, seed, family=family.name)
+    return write_single_file(path, text_encoder, unet, vae, dtype=dtype, family=family,
                              configs=configs if size == "tiny" else None, random_weights=True)

@@ -14,8 +14,10 @@ import json
 from pathlib import Path
 
 import ref_clip
+import ref_openclip
 import ref_unet
 import ref_vae
+from ldm.openclip import OpenCLIPTextConfig
 from ldm.tokenizer import DEFAULT_VOCAB_PATH, bytes_to_unicode
 
 # The SD 1.x scheduler config diffusers ships with the v1-5 repository (PNDM, scaled_linear).
@@ -38,7 +40,8 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_tokenizer_files(folder: Path) -> None:
+def write_tokenizer_files(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+    """transformers' CLIPTokenizer files; SD 2.x's pad with "!" (id 0) where SD 1.x's pad with EOS."""
     vocab, merges = clip_vocab_and_merges()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -47,26 +50,29 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+        "pad_token": pad_token, "unk_token": "<|endoftext|>"}))
 
 
-def write_config_folder(folder: Path, configs: dict) -> Path:
-    """A diffusers pipeline folder without weights, for `configs` = {"text_encoder": CLIPTextConfig,
-    "unet": UNetConfig, "vae": VAEConfig} (ldm.weights.random_models gives them)."""
+def write_config_folder(folder: Path, configs: dict, prediction_type: str = "epsilon") -> Path:
+    """A diffusers pipeline folder without weights, for `configs` = {"text_encoder": CLIPTextConfig
+    or OpenCLIPTextConfig (SD 2.x: transformers' CLIPTextModel of the blocks that run), "unet":
+    UNetConfig, "vae": VAEConfig} (ldm.weights.random_models gives them)."""
     folder = Path(folder)
+    te = configs["text_encoder"]
+    sd2 = isinstance(te, OpenCLIPTextConfig)
+    text_config = (ref_openclip.hf_config(te) if sd2 else ref_clip.hf_clip_config(te)).to_dict()
     components = {
         "unet": {"_class_name": "UNet2DConditionModel",
                  **ref_unet.diffusers_unet_config(configs["unet"])},
         "vae": {"_class_name": "AutoencoderKL", **ref_vae.diffusers_vae_config(configs["vae"])},
-        "text_encoder": {"architectures": ["CLIPTextModel"],
-                         **ref_clip.hf_clip_config(configs["text_encoder"]).to_dict()},
-        "scheduler": SCHEDULER_CONFIG,
+        "text_encoder": {"architectures": ["CLIPTextModel"], **text_config},
+        "scheduler": {**SCHEDULER_CONFIG, "prediction_type": prediction_type},
     }
     for name, cfg in components.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
         fname = "scheduler_config.json" if name == "scheduler" else "config.json"
         (folder / name / fname).write_text(json.dumps(cfg, default=list))
-    write_tokenizer_files(folder / "tokenizer")
+    write_tokenizer_files(folder / "tokenizer", pad_token="!" if sd2 else "<|endoftext|>")
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline",
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -78,12 +84,12 @@ def write_config_folder(folder: Path, configs: dict) -> Path:
     return folder
 
 
-def load_with_diffusers(path: Path, configs: dict, config_folder: Path, **kwargs):
+def load_with_diffusers(path: Path, configs: dict, config_folder: Path, prediction_type: str = "epsilon", **kwargs):
     """diffusers' own single-file loader, offline, on a checkpoint written by ldm.weights
     (kwargs go to from_single_file, e.g. torch_dtype)."""
     from diffusers import StableDiffusionPipeline
 
-    write_config_folder(config_folder, configs)
+    write_config_folder(config_folder, configs, prediction_type)
     return StableDiffusionPipeline.from_single_file(
         str(path), config=str(config_folder), local_files_only=True,
         safety_checker=None, requires_safety_checker=False, **kwargs)
@@ -94,14 +100,14 @@ PIPELINE_CLASSES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiff
                     "inpaint": "StableDiffusionInpaintPipeline"}
 
 
-def as_pipeline(base, kind: str, scheduler: str):
+def as_pipeline(base, kind: str, scheduler: str, prediction_type: str = "epsilon"):
     """diffusers' pipeline class for `kind` on base's components, with the scheduler ldm calls `scheduler`."""
     import diffusers
     import ref_samplers
 
     pipe = getattr(diffusers, PIPELINE_CLASSES[kind])(**{**base.components, "safety_checker": None},
                                                        requires_safety_checker=False)
-    pipe.scheduler = ref_samplers.make_scheduler(scheduler)
+    pipe.scheduler = ref_samplers.make_scheduler(scheduler, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -151,3 +157,27 @@ def run_diffusers(pipe, prompts: list[str], seeds: list[int], *, negative: str =
     out = pipe(prompt=prompts, negative_prompt=[negative] * len(prompts), generator=generators,
                callback_on_step_end=record, output_type="pil", **kwargs)
     return np.stack([np.asarray(im) for im in out.images]), steps
+
+
+# ---- comparing a run of ours with diffusers' ------------------------------------------------------
+def run_ours(pipe, method, prompts, seed, **kw):
+    """(Result, [latent after each step]) from one of our pipeline's methods."""
+    steps = []
+    res = getattr(pipe, method)(prompts, seed=seed, progress=False,
+                                callback=lambda i, x, x0: steps.append(x.clone()), **kw)
+    return res, steps
+
+
+def compare(ours_steps, ours_images, ref_images, ref_steps):
+    """Every step's latent (fp32, rtol 1e-4, atol 1e-4 times the step's largest |x|) and the images
+    as uint8 (at most 1/255 apart)."""
+    import numpy as np
+    import torch
+
+    assert len(ours_steps) == len(ref_steps) > 0
+    for i, (a, b) in enumerate(zip(ours_steps, ref_steps)):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, atol=1e-4 * scale, rtol=1e-4, msg=lambda m: f"step {i}: {m}")
+    ours = np.stack([np.asarray(im) for im in ours_images]).astype(int)
+    assert ours.shape == ref_images.shape
+    assert np.abs(ours - ref_images.astype(int)).max() <= 1

@@ -41,10 +41,15 @@ def test_every_record_is_consistent():
     sd1, inpaint = families.get("sd1"), families.get("sd1-inpaint")
     assert (sd1.default_size, sd1.scaling_factor, sd1.prediction_type) == (512, 0.18215, "epsilon")
     assert inpaint.configs["unet"].in_channels == inpaint.unet_in_channels == 9
-    assert [f.name for f in families.supported()] == ["sd1", "sd1-inpaint"]
-    v = families.get("sd2-v")  # a slot: recognised, with its facts, not built yet
-    assert not v.supported and v.prediction_type == "v_prediction" and v.prefixes["text_encoder"] == "cond_stage_model.model."
-    assert set(families.downloads()) == {"sd-v1-5", "sd-v1-4", "sd-v1-5-inpainting"}  # only the supported ones
+    assert [f.name for f in families.supported()] == ["sd1", "sd1-inpaint", "sd2", "sd2-v"]
+    base, v = families.get("sd2"), families.get("sd2-v")  # one network, two predictions and sizes
+    assert (v.prediction_type, v.default_size, v.prefixes["text_encoder"]) == ("v_prediction", 768, "cond_stage_model.model.")
+    assert (base.prediction_type, base.default_size) == ("epsilon", 512)
+    assert {k: c for k, c in base.configs.items() if k != "unet"} == {k: c for k, c in v.configs.items() if k != "unet"}
+    assert dataclasses.replace(base.configs["unet"], sample_size=96) == v.configs["unet"]
+    assert set(families.downloads()) == {"sd-v1-5", "sd-v1-4", "sd-v1-5-inpainting", "sd-v2-1-base", "sd-v2-1"}
+    slot = dataclasses.replace(v, name="sd2-slot", configs=None, models=None)  # a slot: recognised, not built
+    assert not slot.supported and slot.default_size is None and "not supported yet" in repr(slot)
     with pytest.raises(ValueError, match=r"^family='sd3' is unknown; valid: sd1, sd1-inpaint, sd2, sd2-v$"):
         families.get("sd3")
 

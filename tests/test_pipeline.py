@@ -15,6 +15,7 @@ from PIL import Image
 
 import ldm
 import ref_sd
+from ref_sd import compare, run_ours
 from ldm import images as imgs
 from ldm import pipeline as pl
 from ldm import families, samplers, weights
@@ -47,23 +48,6 @@ def square_mask(size=64) -> Image.Image:
     m = Image.new("L", (size, size))
     m.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
     return m
-
-
-def compare(ours_steps, ours_images, ref_images, ref_steps):
-    assert len(ours_steps) == len(ref_steps) > 0
-    for i, (a, b) in enumerate(zip(ours_steps, ref_steps)):
-        scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a, b, atol=1e-4 * scale, rtol=1e-4, msg=lambda m: f"step {i}: {m}")
-    ours = np.stack([np.asarray(im) for im in ours_images]).astype(int)
-    assert ours.shape == ref_images.shape
-    assert np.abs(ours - ref_images.astype(int)).max() <= 1
-
-
-def run_ours(pipe, method, prompts, seed, **kw):
-    steps = []
-    res = getattr(pipe, method)(prompts, seed=seed, progress=False,
-                                callback=lambda i, x, x0: steps.append(x.clone()), **kw)
-    return res, steps
 
 
 @pytest.mark.parametrize("scheduler, guidance, n_prompts, num_images", [

@@ -15,6 +15,7 @@ One job per file:
                          unpickler (ldm.unpickle), diffusers folders and their scheduler config
     diffusers_layout.py  the one key map between the diffusers layout and ours (key_map, format_key_map)
     detect.py            which family a file is (the rule is in its docstring), and the split into stages
+    prediction.py        what the UNet predicts where the family leaves it open (SD 2.x: epsilon or v; the rule)
     write.py             the inverse: our networks as a single file (write_single_file)
     __init__.py          this: Checkpoint, read, from_state_dict, load_stage
 
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ldm import families
-from ldm.checkpoint import detect
+from ldm.checkpoint import detect, prediction
 from ldm.checkpoint.diffusers_layout import (DIFFUSERS_TO_COMPVIS, INNER_RENAMES, KeyMapConfig, diffusers_to_compvis,
                                              format_key_map, key_map)
 from ldm.checkpoint.errors import CheckpointError, UnsafeCheckpointError, one_line
@@ -65,6 +66,8 @@ class Checkpoint:
     # what a diffusers folder's scheduler/scheduler_config.json says: prediction_type, timestep_spacing,
     # steps_offset (only the keys it names); {} for a single file
     scheduler: dict = field(default_factory=dict)
+    # (prediction type, why) where the family leaves it open and the file told (ldm/checkpoint/prediction.py)
+    predicted: tuple[str, str] | None = None
 
     def stages(self) -> dict[str, dict[str, Tensor]]:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
@@ -76,14 +79,19 @@ class Checkpoint:
 
     @property
     def prediction_type(self) -> str:
-        """What the UNet predicts: the folder's scheduler config if it says, else the family's."""
-        return self.scheduler.get("prediction_type", self.record.prediction_type)
+        """What the UNet predicts: the folder's scheduler config if it says, else what the file told
+        (ldm/checkpoint/prediction.py's rule), else the family's."""
+        if "prediction_type" in self.scheduler:
+            return self.scheduler["prediction_type"]
+        return self.predicted[0] if self.predicted else self.record.prediction_type
 
     @property
     def prediction_reason(self) -> str:
         """Why prediction_type is what it is, in words (`ldm info` prints it)."""
         if "prediction_type" in self.scheduler:
             return "scheduler/scheduler_config.json says so"
+        if self.predicted:
+            return self.predicted[1]
         fam = self.record
         if len(fam.prediction_types) == 1:
             return f"{fam.title} models predict {fam.prediction_type}"
@@ -106,8 +114,9 @@ class Checkpoint:
 
 
 def from_state_dict(state_dict: dict, *, path: str | Path | None = None, format: str = "state_dict",
-                    ema: bool = False) -> Checkpoint:
-    """A CompVis-layout state dict (the top level of a single file) -> Checkpoint."""
+                    ema: bool = False, metadata: dict[str, str] | None = None) -> Checkpoint:
+    """A CompVis-layout state dict (the top level of a single file) -> Checkpoint. `metadata` is the
+    file's safetensors header metadata (it may say what the UNet predicts)."""
     where = path if path is not None else "state dict"
     raw, seen = state_dict, set()
     while isinstance(raw.get("state_dict"), dict):     # Lightning: {"state_dict": {...}, "callbacks": ...}
@@ -119,7 +128,26 @@ def from_state_dict(state_dict: dict, *, path: str | Path | None = None, format:
     layout = detect.layout_of(where, raw.keys())
     stages, ignored = detect.split(where, raw, layout[0], ema)
     family = detect.family_of(where, stages, layout)
-    return Checkpoint(Path(path) if path else None, format, family.name, **stages, ignored=dict(ignored))
+    ck = Checkpoint(Path(path) if path else None, format, family.name, **stages, ignored=dict(ignored),
+                    metadata=dict(metadata or {}))
+    twins = detect.twins(family, layout)  # the same network predicting other things (SD 2.x: 512-base, 768-v)
+    if len(twins) > 1:
+        ck.predicted = prediction.declared(where, twins, ck.metadata, raw, ck.path) or _probe(where, ck)
+        chosen = next((f for f in twins if f.prediction_type == ck.predicted[0]), None)
+        if chosen is None:
+            raise CheckpointError(f"{where}: {ck.predicted[1]}: it predicts {ck.predicted[0]}, which no "
+                                  f"{family.title} model does; allowed: "
+                                  f"{', '.join(f.prediction_type for f in twins)}")
+        ck.family = chosen.name
+    return ck
+
+
+def _probe(where, ck: Checkpoint) -> tuple[str, str]:
+    """The last step of the prediction rule: run the UNet once (prediction.probe_state_dict)."""
+    from ldm import weights  # ldm.weights reads checkpoints; the configs live there
+
+    config = weights.configs_for(ck)["unet"]
+    return prediction.probe_state_dict(where, ck.unet, ck.record.models["unet"], config)
 
 
 def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = False) -> Checkpoint:
@@ -138,12 +166,15 @@ def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = Fals
         # (SD 1.x's text naming): any family may match, by its UNet's traits.
         family = detect.family_of(path, stages, list(families.FAMILIES.values()),
                                   prediction_type=scheduler.get("prediction_type"))
+        if family.prefixes["text_encoder"] != families.SD1_PREFIXES["text_encoder"]:
+            # its folder holds the tower as transformers' 23-layer CLIPTextModel, not open_clip's names
+            raise CheckpointError(f"{path}: this looks like an {family.title} diffusers folder; ldm reads "
+                                  f"{family.title} from its single-file checkpoint (.safetensors/.ckpt) only")
         ck = Checkpoint(path, "diffusers", family.name, **stages, ignored=dict(ignored), scheduler=scheduler)
     else:
         raw, fmt = read_file(path)
-        ck = from_state_dict(raw, path=path, format=fmt, ema=ema)
-    if ck.format == "safetensors":
-        ck.metadata = safetensors_metadata(path)
+        metadata = safetensors_metadata(path) if fmt == "safetensors" else {}
+        ck = from_state_dict(raw, path=path, format=fmt, ema=ema, metadata=metadata)
     if dtype is not None:
         try:
             for sd in ck.stages().values():

@@ -12,8 +12,8 @@ The rule, in order (each refusal is one line naming what the file looks like):
    latent + mask + masked-image latent) and whether its transformers' proj_in is linear (SD 2.x) or
    a 1x1 convolution (SD 1.x), must be those of a family of that layout (`family_of`).
    Families with the same traits differ only in what they predict (SD 2.x 512-base epsilon, 768-v v):
-   the tensors cannot tell them apart, so a diffusers folder's scheduler config decides, else the
-   first record; the user overrides it (ldm.load(..., prediction_type=...)).
+   the tensors cannot tell them apart (`twins`), so what the file says decides, else one run of the
+   UNet: the rule is in ldm/checkpoint/prediction.py; the user overrides it (ldm.load(..., prediction_type=...)).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ldm import families
 from ldm.checkpoint.errors import CheckpointError, supported_text, unsupported
 from ldm.families import Family
 
-__all__ = ["other_kind", "layout_of", "split", "family_of", "traits", "text_encoder_keys"]
+__all__ = ["other_kind", "layout_of", "split", "family_of", "twins", "traits", "text_encoder_keys"]
 
 
 def other_kind(where, raw: dict) -> None:
@@ -154,3 +154,10 @@ def family_of(where, stages: dict[str, dict[str, Tensor]], layout: list[Family],
     if not fam.supported:
         raise unsupported(where, fam.looks_like)
     return fam
+
+
+def twins(family: Family, layout: list[Family]) -> list[Family]:
+    """The families of `layout` with `family`'s detection traits: one network, different predictions
+    (SD 2.x's 512-base and 768-v); [family] alone when the tensors settle it."""
+    return [f for f in layout if f.supported and (f.unet_in_channels, f.linear_proj) ==
+            (family.unet_in_channels, family.linear_proj)]

@@ -8,7 +8,10 @@ prefixes: `model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.tran
 and adds the schedule buffers those files carry at the top level, so diffusers' own single-file
 converter reads what we write (tests/test_roundtrip.py). Networks whose shapes are not the family's
 (the shipped shapes model, the random tiny checkpoints) carry their configs in the safetensors
-metadata under CONFIG_METADATA_KEY; ldm.weights.configs_for reads them back.
+metadata under CONFIG_METADATA_KEY; ldm.weights.configs_for reads them back. A .safetensors file
+also gets Stability's model-spec keys (modelspec.architecture, modelspec.prediction_type): for SD 2.x
+they are the only thing in the file that says 512-base (epsilon) or 768-v (v), and
+ldm/checkpoint/prediction.py reads them first.
 """
 from __future__ import annotations
 
@@ -23,13 +26,24 @@ from torch import nn
 from ldm import families
 from ldm.families import Family
 
-__all__ = ["CONFIG_METADATA_KEY", "RANDOM_METADATA_KEY", "single_file_state_dict", "write_single_file"]
+__all__ = ["CONFIG_METADATA_KEY", "RANDOM_METADATA_KEY", "single_file_state_dict", "write_single_file",
+           "modelspec_metadata"]
 
 # Safetensors metadata entry holding {"text_encoder": {...}, "unet": {...}, "vae": {...}} when a
 # file's networks are not its family's shapes (e.g. the tiny random checkpoints, the shipped model).
 CONFIG_METADATA_KEY = "ldm.configs"
 # Safetensors metadata entry marking a checkpoint of random weights (ldm.weights.random_checkpoint writes it).
 RANDOM_METADATA_KEY = "ldm.random_weights"
+
+
+def modelspec_metadata(family: Family, title: str) -> dict[str, str]:
+    """Stability's model spec (github.com/Stability-AI/ModelSpec) for a file of `family`: its
+    architecture id and prediction type ("epsilon" or "v"), or {} for a family without an id."""
+    if family.modelspec is None:
+        return {}
+    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": family.modelspec,
+            "modelspec.implementation": "https://github.com/CompVis/stable-diffusion", "modelspec.title": title,
+            "modelspec.prediction_type": {"v_prediction": "v"}.get(family.prediction_type, family.prediction_type)}
 
 
 def _schedule_buffers(family: Family) -> dict[str, torch.Tensor]:
@@ -59,7 +73,8 @@ def write_single_file(path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Mo
 
     `configs`, when given, is stored in the safetensors metadata so `build` can rebuild
     networks whose shapes are not SD 1.x's, and `random_weights=True` marks the file as random
-    (a .ckpt has nowhere to keep either). `metadata` adds free-form string entries to the
+    (a .ckpt has nowhere to keep either). The family's model-spec keys are written too
+    (modelspec_metadata). `metadata` adds free-form string entries to the
     safetensors metadata (a trainer's facts: steps, data, losses); they may not reuse the keys
     ldm writes itself ("format", ldm.configs, ldm.random_weights).
     """
@@ -83,7 +98,7 @@ def write_single_file(path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Mo
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")  # a crash never leaves a half-written checkpoint
     if path.suffix == ".safetensors":
-        meta = {"format": "pt", **(metadata or {})}
+        meta = {"format": "pt", **modelspec_metadata(families.get(family), path.stem), **(metadata or {})}
         if random_weights:
             meta[RANDOM_METADATA_KEY] = "true"
         if configs is not None:
