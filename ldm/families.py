@@ -36,8 +36,9 @@ What changes between the families (SD 2.x: Stability's v2-inference(-v).yaml; DE
 
 Adding a family is one entry in FAMILIES at the bottom: its prefixes, the two detection traits, the
 configs and model classes of its stages, its prediction type, its downloads. A record whose
-`configs` is None is a slot: ldm names such a file ("this looks like an SD 2.x checkpoint ...") and
-refuses it; filling in `configs` and `models` makes it load, run and download.
+`configs` is None is a slot: ldm names such a file ("this looks like an ... checkpoint") and refuses
+it; filling in `configs` and `models` makes it load, run and download. (SD 2.x was such a slot
+until its stages, ldm/openclip.py and the UNet's head-dim and linear-projection options, landed.)
 """
 from __future__ import annotations
 
