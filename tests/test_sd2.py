@@ -245,13 +245,12 @@ def test_full_size_sd2_files_match_diffusers(tmp_path):
     assert (ck.family, len(ck.text_encoder), len(ck.unet), len(ck.vae)) == ("sd2-v", 294, 686, 248)
     base = ref_sd.load_with_diffusers(path, weights.configs_for(ck), tmp_path / "config",
                                       prediction_type="v_prediction", torch_dtype=torch.float32)
-    for predicts, scheduler in (("v_prediction", "euler"), ("epsilon", "dpmpp_2m")):
-        ours = ldm.load(path, device="cpu", dtype=torch.float32, prediction_type=predicts)
+    ours = ldm.load(path, device="cpu", dtype=torch.float32)  # loaded once: the file says v
+    for predicts, scheduler in (("v_prediction", "euler"), ("epsilon", "dpmpp_2m")):  # then overridden per call
         res, latents = run_ours(ours, "generate", ["a photograph of an astronaut"], 0, steps=2,
-                                scheduler=scheduler, height=64, width=64)
+                                scheduler=scheduler, height=64, width=64, prediction_type=predicts)
         ref = ref_sd.as_pipeline(base, "txt2img", scheduler, prediction_type=predicts)
         ref_images, ref_latents = ref_sd.run_diffusers(ref, ["a photograph of an astronaut"], res.seeds,
                                                        num_inference_steps=2, guidance_scale=7.5, height=64, width=64)
         compare(latents, res.images, ref_images, ref_latents)
-        del ours
     assert json.loads(json.dumps(ck.summary()))["prediction_type"] == "v_prediction"
