@@ -126,9 +126,9 @@ def cmd_random_checkpoint(args) -> None:
 
     parent = Path(args.path).parent  # checked before seconds of random weights
     _writable_folder(parent, f"{args.path}: its folder {parent}")
-    if args.inpainting and args.family not in (None, "sd1-inpaint"):
+    if args.inpainting and args.family not in (None, "sd1-inpaint"):  # in the CLI's own words
         raise CLIError(f"--inpainting is the sd1-inpaint family; it does not go with --family {args.family}")
-    family = families.get(args.family or ("sd1-inpaint" if args.inpainting else "sd1"))
+    family = weights.random_family(args.family, args.inpainting)
     path = weights.random_checkpoint(args.path, size=args.size, dtype=DTYPES[args.dtype],
                                      seed=args.seed, family=family.name)
     print(f"wrote {path} ({args.size}, {args.dtype}, {path.stat().st_size / 2**20:.1f} MiB): "

@@ -37,7 +37,7 @@ from ldm.unet import UNetConfig
 from ldm.vae import VAEConfig
 
 __all__ = ["CONFIG_METADATA_KEY", "SHIPPED", "find_checkpoint", "default_checkpoint", "is_random", "configs_for",
-           "build", "single_file_state_dict", "write_single_file", "random_init_", "random_models",
+           "build", "single_file_state_dict", "write_single_file", "random_init_", "random_family", "random_models",
            "random_checkpoint"]
 
 SIZES = ("tiny", "full")
@@ -263,13 +263,21 @@ def tiny_configs(family: str = "sd1") -> dict:
             "unet": dataclasses.replace(UNetConfig.tiny(), in_channels=family.unet_in_channels)}
 
 
+def random_family(family: str | None = None, inpainting: bool = False):
+    """The family a random checkpoint is drawn from: `family` by name (default "sd1"), or
+    "sd1-inpaint" with inpainting=True; a one-line ValueError if the two disagree."""
+    if inpainting and family not in (None, "sd1-inpaint"):
+        raise ValueError(f"inpainting=True is the sd1-inpaint family; it does not go with family={family!r}")
+    return families.get(family or ("sd1-inpaint" if inpainting else "sd1"))
+
+
 def random_models(size: str = "tiny", seed: int = 0, inpainting: bool = False, family: str | None = None):
     """(text_encoder, unet, vae, configs) with random weights: `size` "tiny" or "full" (the family's own
     configs). `family` is a name in ldm.families ("sd1", "sd2", "sd2-v", ...; default "sd1", or
     "sd1-inpaint" with inpainting=True)."""
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not one of {SIZES}")
-    family = families.get(family or ("sd1-inpaint" if inpainting else "sd1"))
+    family = random_family(family, inpainting)
     configs = tiny_configs(family) if size == "tiny" else dict(family.configs)
     models = []
     for i, stage in enumerate(("text_encoder", "unet", "vae")):
@@ -290,7 +298,7 @@ def random_checkpoint(path, size: str = "tiny", dtype: torch.dtype = torch.float
     """
     if Path(path).exists():  # check before spending seconds on random weights
         raise FileExistsError(f"{path} already exists; not overwritten (delete it or pick another path)")
-    family = families.get(family or ("sd1-inpaint" if inpainting else "sd1"))
+    family = random_family(family, inpainting)
     text_encoder, unet, vae, configs = random_models(size, seed, family=family.name)
     return write_single_file(path, text_encoder, unet, vae, dtype=dtype, family=family,
                              configs=configs if size == "tiny" else None, random_weights=True)

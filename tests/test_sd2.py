@@ -55,6 +55,8 @@ def test_the_records_build_sd2_from_the_family(tiny2):
         assert pipe.tokenizer.pad_id == 0
         assert pipe.unet.cfg.use_linear_in_transformer and pipe.unet.cfg.num_head_channels == 16
     assert (families.get("sd2").default_size, families.get("sd2-v").default_size) == (512, 768)
+    with pytest.raises(ValueError, match=r"^inpainting=True is the sd1-inpaint family; it does not go with family='sd2'$"):
+        weights.random_models(inpainting=True, family="sd2")
     full = families.get("sd2").configs
     assert (full["text_encoder"].width, full["unet"].context_dim, full["unet"].num_head_channels) == (1024, 1024, 64)
 

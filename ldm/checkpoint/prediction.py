@@ -40,9 +40,11 @@ from torch import Tensor
 from ldm.checkpoint.errors import CheckpointError
 from ldm.families import Family
 
-__all__ = ["declared", "from_yaml", "probe", "probe_state_dict", "PROBE_T", "PROBE_THRESHOLD"]
+__all__ = ["MODELSPEC_NAME", "declared", "from_yaml", "probe", "probe_state_dict", "PROBE_T", "PROBE_THRESHOLD"]
 
-MODELSPEC_PREDICTION = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+# the model spec's words ("v", "epsilon") <-> ours; reading also takes "eps" and our own "v_prediction"
+MODELSPEC_NAME = {"epsilon": "epsilon", "v_prediction": "v"}
+MODELSPEC_PREDICTION = {**{v: k for k, v in MODELSPEC_NAME.items()}, "eps": "epsilon", "v_prediction": "v_prediction"}
 PROBE_T, PROBE_VALUE, PROBE_THRESHOLD = 999, 0.5, -1.0
 MAX_YAML_BYTES = 1 << 20  # a Stability inference config is about 2 KB
 

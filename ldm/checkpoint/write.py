@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ldm import families
+from ldm.checkpoint.prediction import MODELSPEC_NAME
 from ldm.families import Family
 
 __all__ = ["CONFIG_METADATA_KEY", "RANDOM_METADATA_KEY", "single_file_state_dict", "write_single_file",
@@ -43,7 +44,7 @@ def modelspec_metadata(family: Family, title: str) -> dict[str, str]:
         return {}
     return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": family.modelspec,
             "modelspec.implementation": "https://github.com/CompVis/stable-diffusion", "modelspec.title": title,
-            "modelspec.prediction_type": {"v_prediction": "v"}.get(family.prediction_type, family.prediction_type)}
+            "modelspec.prediction_type": MODELSPEC_NAME[family.prediction_type]}
 
 
 def _schedule_buffers(family: Family) -> dict[str, torch.Tensor]:
