@@ -1,4 +1,4 @@
-"""Tests of the Triton flash-attention kernel (kernels/flash_attention.py, `ldm_kernels`).
+"""Tests of the Triton flash-attention kernel (kernels/ldm_kernels/flash_attention.py, `ldm_kernels`).
 
 Three kinds, one file:
   * interpreter tests: the kernel run on the CPU by Triton's interpreter, small shapes, against

@@ -1,0 +1,69 @@
+"""The repository as a fresh machine sees it: nothing at its root shadows a package a dependency imports.
+
+`python -m pytest`, a notebook or a REPL started in the repository root put the root on sys.path
+first. A regular package there named like an installed one wins the import: on 2026-12-05
+transformers 5.25 began importing PyPI's `kernels` (the Hugging Face kernel hub), the project's own
+kernels/__init__.py answered instead, and 227 of the suite's tests failed with "cannot import name
+'CUDAProperties' from 'kernels'". The Triton kernel now lives in kernels/ldm_kernels/ (imported as
+ldm_kernels) and kernels/ has no __init__.py.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# what the repository root may offer for import: the library itself (a regular package)
+OURS = {"ldm"}
+
+
+def _root_importables() -> dict[str, Path]:
+    """Names importable from the root as a regular package or a module (namespace folders lose to
+    any installed package of the same name, so they cannot shadow one)."""
+    found = {}
+    for p in ROOT.iterdir():
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() and (p / "__init__.py").exists():
+            found[p.name] = p
+        elif p.suffix == ".py":
+            found[p.stem] = p
+    return found
+
+
+def _installed_top_level_names() -> set[str]:
+    """Every import name the installed distributions provide (their top_level.txt or their files)."""
+    names = set()
+    for dist in importlib.metadata.distributions():
+        top = dist.read_text("top_level.txt")
+        if top:
+            names.update(line.strip() for line in top.splitlines() if line.strip())
+        for f in dist.files or ():
+            parts = Path(str(f)).parts
+            if len(parts) > 1 and parts[1] == "__init__.py" and not parts[0].endswith((".dist-info", ".data")):
+                names.add(parts[0])
+    return names
+
+
+def test_nothing_at_the_root_is_a_package_but_ldm():
+    extra = {name: str(p.relative_to(ROOT)) for name, p in _root_importables().items() if name not in OURS}
+    assert not extra, (f"the repository root offers {extra} for import; a dependency importing the same name "
+                       f"gets ours instead (keep importable code inside ldm/ or kernels/ldm_kernels/)")
+
+
+def test_no_root_name_shadows_an_installed_package():
+    clash = sorted(set(_root_importables()) & _installed_top_level_names() - OURS)
+    assert not clash, f"{clash} at the repository root shadow installed packages of the same name"
+
+
+def test_the_reference_libraries_import_from_the_repository_root():
+    """The clash as a user meets it: Python started in the root (cwd first on sys.path) imports
+    transformers' CLIP and diffusers' UNet, the Triton kernel's package and the library."""
+    code = ("import transformers, diffusers, ldm, ldm_kernels; "
+            "from transformers import CLIPTextModel, CLIPTokenizer; "
+            "from diffusers import UNet2DConditionModel, AutoencoderKL; print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    last = (run.stderr.strip().splitlines() or [""])[-1]
+    assert run.returncode == 0 and run.stdout.strip() == "ok", f"import from the repository root failed: {last}"
