@@ -348,3 +348,46 @@ def test_an_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         weights.write_single_file(tmp_path / "m.safetensors", te, unet, vae, configs=configs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_writers_to_one_path_exactly_one_wins_and_nothing_is_overwritten(tmp_path):
+    """write_new creates the target exclusively (os.link of a finished temporary file): a file that
+    appears after the exists() check is never replaced, and two processes racing for one path (the
+    old exists-then-rename gave two successes about 1 time in 3) end with one file and one
+    FileExistsError, with no temporary file left behind."""
+    import os
+    import time
+
+    from ldm.checkpoint.write import write_new
+
+    target = tmp_path / "m.safetensors"
+
+    def someone_else_wins(tmp):        # another process writes the target while we write ours
+        tmp.write_bytes(b"ours")
+        target.write_bytes(b"theirs")
+
+    with pytest.raises(FileExistsError, match="another process wrote it first"):
+        write_new(target, someone_else_wins)
+    assert target.read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+    for attempt in range(3):           # a real race between two processes, released together
+        path, go = tmp_path / f"race{attempt}.bin", tmp_path / f"go{attempt}"
+        pids = []
+        for who in (b"1", b"2"):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    while not go.exists():
+                        time.sleep(0.001)
+                    write_new(path, lambda tmp, who=who: (tmp.write_bytes(who * 1000), time.sleep(0.05)))
+                    os._exit(0)
+                except FileExistsError:
+                    os._exit(17)
+                except BaseException:  # noqa: BLE001
+                    os._exit(1)
+            pids.append(pid)
+        go.touch()
+        codes = sorted(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids)
+        assert codes == [0, 17], codes
+        assert path.read_bytes() in (b"1" * 1000, b"2" * 1000)
+        assert not [p.name for p in tmp_path.iterdir() if "partial" in p.name]

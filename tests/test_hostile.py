@@ -13,10 +13,7 @@ import json
 import os
 import pickle
 import pickletools
-import resource
-import signal
 import struct
-import time
 import zipfile
 from pathlib import Path
 
@@ -25,64 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ref_checkpoint as ref
+from bounded import run_bounded
 from ldm import checkpoint, weights
-
-GIB = 2**30
-DEADLINE_S = 20
-
-
-# --- running a read in a bounded child process ----------------------------------------------
-def _vm_size() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    pytest.skip("needs /proc/self/status (Linux)")
-
-
-def run_bounded(fn) -> dict:
-    """fn() in a forked child limited to 1 GiB more address space and DEADLINE_S seconds.
-    Returns {"error": class name, "message": ..., "value": repr, "path_ok": str(Path) still works}."""
-    limit = _vm_size() + GIB
-    read_end, write_end = os.pipe()
-    start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:                                       # the child: never returns into pytest
-        try:
-            os.close(read_end)
-            torch.set_num_threads(1)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            out = {"error": None, "message": None, "value": None}
-            try:
-                out["value"] = repr(fn())[:200]
-            except BaseException as e:                 # noqa: BLE001 - reported to the parent
-                out["error"], out["message"] = type(e).__name__, str(e)
-            try:
-                out["path_ok"] = str(Path("a") / "b") == "a/b"
-            except BaseException:                      # noqa: BLE001
-                out["path_ok"] = False
-            os.write(write_end, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() - start > DEADLINE_S:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(read_end)
-            pytest.fail(f"the read did not finish within {DEADLINE_S} s")
-        time.sleep(0.02)
-    data = b""
-    while chunk := os.read(read_end, 65536):
-        data += chunk
-    os.close(read_end)
-    if os.WIFSIGNALED(status) or not data:
-        pytest.fail(f"the child died (status {status}, signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else '-'})")
-    out = json.loads(data)
-    out["seconds"] = time.monotonic() - start
-    return out
 
 
 def assert_clean_error(out: dict, path, unsafe: bool | None = None, match: str | None = None) -> str:

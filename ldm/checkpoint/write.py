@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,13 +30,46 @@ from ldm.checkpoint.prediction import MODELSPEC_NAME
 from ldm.families import Family
 
 __all__ = ["CONFIG_METADATA_KEY", "RANDOM_METADATA_KEY", "single_file_state_dict", "write_single_file",
-           "modelspec_metadata"]
+           "modelspec_metadata", "write_new"]
 
 # Safetensors metadata entry holding {"text_encoder": {...}, "unet": {...}, "vae": {...}} when a
 # file's networks are not its family's shapes (e.g. the tiny random checkpoints, the shipped model).
 CONFIG_METADATA_KEY = "ldm.configs"
 # Safetensors metadata entry marking a checkpoint of random weights (ldm.weights.random_checkpoint writes it).
 RANDOM_METADATA_KEY = "ldm.random_weights"
+
+
+def write_new(path, write) -> Path:
+    """Create `path` with `write(tmp_path)`, never overwriting and never leaving a part-written file.
+
+    write() fills a temporary file beside the target (same folder, so same file system); the finished
+    file is then linked to `path` with os.link, which fails if `path` exists: of two processes writing
+    one path, exactly one wins and the other gets FileExistsError, even when both checked first. A
+    failed or interrupted write (a full disk, Ctrl-C) removes the temporary file, so nothing is left at
+    `path` that a later run would refuse as "already exists".
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; not overwritten (delete it or pick another path)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a unique name per writer, ending like the target (savers that check the suffix accept it)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        try:
+            os.link(tmp, path)                 # atomic, and refuses an existing target
+        except FileExistsError:
+            raise FileExistsError(f"{path} already exists (another process wrote it first); "
+                                  f"not overwritten") from None
+        except OSError:                        # a file system without hard links: exclusive rename
+            if path.exists():
+                raise FileExistsError(f"{path} already exists; not overwritten") from None
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def modelspec_metadata(family: Family, title: str) -> dict[str, str]:
@@ -91,13 +126,11 @@ def write_single_file(path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Mo
                              f"allowed: any other key")
         if path.suffix != ".safetensors":
             raise ValueError(f"metadata= needs a .safetensors path (a .ckpt has no metadata); got {str(path)!r}")
-    if path.exists():
+    if path.exists():  # checked before the work; write_new checks again, atomically
         raise FileExistsError(f"{path} already exists; not overwritten (delete it or pick another path)")
     sd = single_file_state_dict(text_encoder, unet, vae, family)
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
           for k, v in sd.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")  # a crash never leaves a half-written checkpoint
     if path.suffix == ".safetensors":
         meta = {"format": "pt", **modelspec_metadata(families.get(family), path.stem), **(metadata or {})}
         if random_weights:
@@ -105,13 +138,5 @@ def write_single_file(path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Mo
         if configs is not None:
             meta[CONFIG_METADATA_KEY] = json.dumps(
                 {stage: dataclasses.asdict(cfg) for stage, cfg in configs.items()})
-    try:
-        if path.suffix == ".safetensors":
-            save_file(sd, str(tmp), metadata=meta)
-        else:
-            torch.save({"state_dict": sd}, tmp)
-    except BaseException:  # interrupted or failed (disk full): leave no half-written .partial behind
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-    return path
+        return write_new(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
+    return write_new(path, lambda tmp: torch.save({"state_dict": sd}, tmp))
