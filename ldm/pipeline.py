@@ -478,11 +478,11 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     device, dtype = default_device_dtype(device, dtype)
     if vae_dtype is None:
         vae_dtype = torch.float32 if dtype == torch.float16 or auto else dtype
-    ck = checkpoint.read(path)
+    # the caller's prediction_type is step 1 of the rule (ldm/checkpoint/prediction.py): read() checks it
+    # against the family before any building, and never runs the UNet to guess what it was told
+    ck = checkpoint.read(path, prediction_type=prediction_type)
     family = ck.record
-    predicts = ck.prediction_type  # the file's (its folder's scheduler config) or its family's
-    if prediction_type is not None and prediction_type != predicts:  # checked before seconds of building
-        predicts = family.check_prediction_type(prediction_type)
+    predicts = ck.prediction_type  # the caller's, else the file's (its folder's scheduler config), else the family's
     text_encoder, unet, vae = weights.build(ck)  # on the CPU in the file's dtype, then cast once each
     text_encoder, unet, vae = text_encoder.to(device, dtype), unet.to(device, dtype), vae.to(device, vae_dtype)
     unet.attention_backend = attention_backend

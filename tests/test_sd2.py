@@ -196,6 +196,55 @@ def test_bad_declarations_are_one_line(bare, tmp_path):
         assert "\n" not in str(err.value)
 
 
+def test_hostile_yaml_beside_a_checkpoint_is_one_line_in_bounded_time(bare, tmp_path):
+    """A YAML beside the file is a door: an alias bomb (a few hundred bytes that str() expands to
+    gigabytes), a `model:` that is a string or empty, a value that is no string. Each ends in one line
+    naming the YAML, within the child's deadline and memory cap."""
+    from bounded import run_bounded, assert_one_line_error
+
+    tensors, meta = bare
+    path = _write(tmp_path, tensors, meta)
+    laughs = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    laughs += [f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    cases = {
+        "model:\n  params:\n    parameterization: &x [1]\n" + "\n".join("    p%d: *x" % i for i in range(3)) + "\n":
+            "aliases (*name) are not allowed",
+        "\n".join(laughs) + "\nmodel:\n  params:\n    parameterization: *i\n": "aliases (*name) are not allowed",
+        "model: just a string\n": "no model.params mapping",
+        "model:\n": "no model.params mapping",
+        "model:\n  params:\n    parameterization: [1, 2, 3]\n": "parameterization=a list; allowed: eps, v, x0",
+        "[" * 50000 + "\n": "not a readable YAML model config",
+    }
+    for text, match in cases.items():
+        (tmp_path / "m.yaml").write_text(text)
+        out = run_bounded(lambda: checkpoint.read(path), deadline_s=10)
+        assert_one_line_error(out, ("CheckpointError",), str(tmp_path / "m.yaml"), match=match)
+
+
+def test_the_callers_prediction_type_comes_first_and_the_unet_is_not_run(bare, tmp_path, monkeypatch):
+    """Step 1 of the rule in the code: ldm.load(path, prediction_type=...) neither runs the UNet test nor
+    fails when it could not run (here it would raise), and the family follows the answer."""
+    tensors, meta = bare
+    path = _write(tmp_path, _with_out_bias(tensors, -4.0), meta)   # the UNet test would say v
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the UNet test ran although the caller said what the UNet predicts")
+
+    monkeypatch.setattr(prediction, "probe_state_dict", no_probe)
+    for said, family in (("epsilon", "sd2"), ("v_prediction", "sd2-v")):
+        ck = checkpoint.read(path, prediction_type=said)
+        assert (ck.prediction_type, ck.family, ck.prediction_reason) == (said, family, f"prediction_type={said!r} was given")
+        pipe = ldm.load(path, device="cpu", prediction_type=said)
+        assert (pipe.prediction_type, pipe.family.name) == (said, family)
+    # the caller's answer also beats what the file says
+    spec = _write(tmp_path, tensors, {**meta, "modelspec.prediction_type": "v"}, "spec.safetensors")
+    assert checkpoint.read(spec, prediction_type="epsilon").prediction_type == "epsilon"
+    with pytest.raises(ValueError, match=r"^prediction_type='sample' is not a choice for the sd2 family"):
+        checkpoint.read(path, prediction_type="sample")
+    with pytest.raises(ValueError, match=r"^prediction_type='banana' is unknown"):
+        ldm.load(path, device="cpu", prediction_type="banana")
+
+
 def test_the_unet_test_on_a_trained_model_and_its_exact_v_twin():
     """ldm's shipped model predicts epsilon; the same network's output turned into v, exactly as a perfect
     v model of the same data would answer (v = sqrt(abar) eps - sqrt(1 - abar) x0), must read as v."""

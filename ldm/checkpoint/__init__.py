@@ -40,6 +40,7 @@ from ldm.checkpoint.files import read_diffusers_folder, read_file, read_schedule
 from ldm.checkpoint.write import (CONFIG_METADATA_KEY, RANDOM_METADATA_KEY, single_file_state_dict,
                                   write_single_file)
 from ldm.families import Family
+from ldm.sampler_common import check_prediction_type
 
 __all__ = ["Checkpoint", "read", "from_state_dict", "load_stage", "CheckpointError", "UnsafeCheckpointError",
            "STAGES", "KeyMapConfig", "key_map", "DIFFUSERS_TO_COMPVIS", "INNER_RENAMES", "format_key_map",
@@ -68,6 +69,8 @@ class Checkpoint:
     scheduler: dict = field(default_factory=dict)
     # (prediction type, why) where the family leaves it open and the file told (ldm/checkpoint/prediction.py)
     predicted: tuple[str, str] | None = None
+    # what the caller said the UNet predicts (read(..., prediction_type=)): step 1 of the rule, above all else
+    requested: str | None = None
 
     def stages(self) -> dict[str, dict[str, Tensor]]:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
@@ -79,8 +82,10 @@ class Checkpoint:
 
     @property
     def prediction_type(self) -> str:
-        """What the UNet predicts: the folder's scheduler config if it says, else what the file told
-        (ldm/checkpoint/prediction.py's rule), else the family's."""
+        """What the UNet predicts: the caller's answer, else the folder's scheduler config if it says,
+        else what the file told (ldm/checkpoint/prediction.py's rule), else the family's."""
+        if self.requested is not None:
+            return self.requested
         if "prediction_type" in self.scheduler:
             return self.scheduler["prediction_type"]
         return self.predicted[0] if self.predicted else self.record.prediction_type
@@ -88,6 +93,8 @@ class Checkpoint:
     @property
     def prediction_reason(self) -> str:
         """Why prediction_type is what it is, in words (`ldm info` prints it)."""
+        if self.requested is not None:
+            return f"prediction_type={self.requested!r} was given"
         if "prediction_type" in self.scheduler:
             return "scheduler/scheduler_config.json says so"
         if self.predicted:
@@ -114,9 +121,11 @@ class Checkpoint:
 
 
 def from_state_dict(state_dict: dict, *, path: str | Path | None = None, format: str = "state_dict",
-                    ema: bool = False, metadata: dict[str, str] | None = None) -> Checkpoint:
+                    ema: bool = False, metadata: dict[str, str] | None = None,
+                    prediction_type: str | None = None) -> Checkpoint:
     """A CompVis-layout state dict (the top level of a single file) -> Checkpoint. `metadata` is the
-    file's safetensors header metadata (it may say what the UNet predicts)."""
+    file's safetensors header metadata (it may say what the UNet predicts); `prediction_type`, when
+    given, is the caller's answer: it is checked against the family and nothing else is consulted."""
     where = path if path is not None else "state dict"
     raw, seen = state_dict, set()
     while isinstance(raw.get("state_dict"), dict):     # Lightning: {"state_dict": {...}, "callbacks": ...}
@@ -131,7 +140,10 @@ def from_state_dict(state_dict: dict, *, path: str | Path | None = None, format:
     ck = Checkpoint(Path(path) if path else None, format, family.name, **stages, ignored=dict(ignored),
                     metadata=dict(metadata or {}))
     twins = detect.twins(family, layout)  # the same network predicting other things (SD 2.x: 512-base, 768-v)
-    if len(twins) > 1:
+    if prediction_type is not None:       # step 1 of the rule: the caller's answer; no file entry, no UNet run
+        chosen = next((f for f in twins if f.prediction_type == prediction_type), family)
+        ck.family, ck.requested = chosen.name, chosen.check_prediction_type(prediction_type)
+    elif len(twins) > 1:
         ck.predicted = prediction.declared(where, twins, ck.metadata, raw, ck.path) or _probe(where, ck)
         chosen = next((f for f in twins if f.prediction_type == ck.predicted[0]), None)
         if chosen is None:
@@ -150,14 +162,20 @@ def _probe(where, ck: Checkpoint) -> tuple[str, str]:
     return prediction.probe_state_dict(where, ck.unet, ck.record.models["unet"], config)
 
 
-def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = False) -> Checkpoint:
+def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = False,
+         prediction_type: str | None = None) -> Checkpoint:
     """Read a single file (.safetensors/.ckpt/.pt/.bin) or a diffusers folder.
 
     dtype=None keeps the file's dtype; a floating dtype casts the floating tensors (a copy).
     ema=True takes the UNet's model_ema.* copy of a non-pruned single file.
+    prediction_type: what the UNet predicts, when the caller knows ("epsilon", "v_prediction", "sample"):
+    it must be one the family allows, and it settles the question before anything in the file is
+    consulted (ldm/checkpoint/prediction.py's step 1), so the UNet is never run to guess it.
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r}; allowed: None or a floating torch.dtype (torch.float16, ...)")
+    if prediction_type is not None:
+        check_prediction_type(prediction_type)
     path = Path(path)
     if path.is_dir():
         stages, ignored = read_diffusers_folder(path)
@@ -165,16 +183,18 @@ def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = Fals
         # The key map gave our names, and every family's folder keeps a transformers CLIPTextModel
         # (SD 1.x's text naming): any family may match, by its UNet's traits.
         family = detect.family_of(path, stages, list(families.FAMILIES.values()),
-                                  prediction_type=scheduler.get("prediction_type"))
+                                  prediction_type=prediction_type or scheduler.get("prediction_type"))
         if family.prefixes["text_encoder"] != families.SD1_PREFIXES["text_encoder"]:
             # its folder holds the tower as transformers' 23-layer CLIPTextModel, not open_clip's names
             raise CheckpointError(f"{path}: this looks like an {family.title} diffusers folder; ldm reads "
                                   f"{family.title} from its single-file checkpoint (.safetensors/.ckpt) only")
         ck = Checkpoint(path, "diffusers", family.name, **stages, ignored=dict(ignored), scheduler=scheduler)
+        if prediction_type is not None:
+            ck.requested = family.check_prediction_type(prediction_type)
     else:
         raw, fmt = read_file(path)
         metadata = safetensors_metadata(path) if fmt == "safetensors" else {}
-        ck = from_state_dict(raw, path=path, format=fmt, ema=ema, metadata=metadata)
+        ck = from_state_dict(raw, path=path, format=fmt, ema=ema, metadata=metadata, prediction_type=prediction_type)
     if dtype is not None:
         try:
             for sd in ck.stages().values():

@@ -56,7 +56,7 @@ def declared(where, candidates: list[Family], metadata: dict[str, str], raw: dic
     spec = metadata.get("modelspec.prediction_type")
     if spec is not None:
         if spec not in MODELSPEC_PREDICTION:
-            raise CheckpointError(f"{where}: modelspec.prediction_type={spec[:40]!r}; allowed: v, epsilon")
+            raise CheckpointError(f"{where}: modelspec.prediction_type={_show(spec)}; allowed: v, epsilon")
         return MODELSPEC_PREDICTION[spec], f"the file's metadata says modelspec.prediction_type={spec}"
     arch = metadata.get("modelspec.architecture")
     named = next((f for f in candidates if f.modelspec is not None and f.modelspec == arch), None)
@@ -70,23 +70,47 @@ def declared(where, candidates: list[Family], metadata: dict[str, str], raw: dic
     return None
 
 
+def _show(value) -> str:
+    """A value from a file, safe to print: a string quoted and cut, anything else by its type only
+    (str() of a YAML alias bomb expands it: a few hundred bytes of file, gigabytes of text)."""
+    return repr(value[:40]) if isinstance(value, str) else f"a {type(value).__name__}"
+
+
+def _yaml_loader():
+    """yaml.SafeLoader (data only: no tags that build objects) that also refuses aliases (*name): a
+    Stability config has none, and aliases are how a small YAML file becomes an exponential structure."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.events.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a model config",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
 def from_yaml(path: Path) -> str:
     """The prediction type a Stability inference config (v2-inference-v.yaml) names: model.params.parameterization."""
     import yaml
 
-    if path.stat().st_size > MAX_YAML_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size} bytes; a model config is at most {MAX_YAML_BYTES}")
+    with open(path, "rb") as f:                # read at most the cap, whatever the size said a moment ago
+        data = f.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise CheckpointError(f"{path}: over {MAX_YAML_BYTES} bytes; a model config is at most {MAX_YAML_BYTES}")
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))  # data only: no tags that build objects
+        config = yaml.load(data.decode("utf-8"), Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a readable YAML model config ({' '.join(str(e).split())[:120]})") from None
-    params = config.get("model", {}).get("params", {}) if isinstance(config, dict) else None
+    model = config.get("model") if isinstance(config, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
     if not isinstance(params, dict):
         raise CheckpointError(f"{path}: no model.params mapping; expected a Stability inference config "
                               f"(v2-inference.yaml / v2-inference-v.yaml)")
     value = params.get("parameterization", "eps")
-    if value not in ("eps", "v", "x0"):
-        raise CheckpointError(f"{path}: model.params.parameterization={str(value)[:40]!r}; allowed: eps, v, x0")
+    if not isinstance(value, str) or value not in ("eps", "v", "x0"):
+        raise CheckpointError(f"{path}: model.params.parameterization={_show(value)}; allowed: eps, v, x0")
     return {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[value]
 
 
