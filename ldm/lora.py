@@ -31,13 +31,16 @@ Underscores are ambiguous (is `down_blocks_0_attentions_0_proj_in` down_blocks.0
 or down.blocks...?), so a file's names are never parsed: `module_table` lists every Linear/Conv2d of
 our model under its own (CompVis) name, its diffusers name (from ldm.checkpoint's key map) and both
 with dots replaced by underscores, and a file's name is looked up there (as ComfyUI and A1111 do).
-Everything is checked - names, shapes, ranks, numbers - before any weight is touched.
+Everything is checked - names, shapes, ranks, numbers - before any weight is touched. A file is
+data, never code: its alpha_pattern keys are matched as module names, not run as regular
+expressions, and every name a file provides is quoted and cut before it reaches a message.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,11 +74,38 @@ DOTTED_SUFFIXES = [
     (".to_out_lora.down.weight", ".out_proj", "down"), (".to_out_lora.up.weight", ".out_proj", "up"),
     (".alpha", "", "alpha"),
 ]
-MAX_LISTED = 5  # unmatched names quoted in an error
+MAX_LISTED = 3   # names from a file quoted in one error
+MAX_QUOTED = 60  # characters of each (a kohya key is ~90: its head and tail are kept)
+PLAIN_NAME = re.compile(r"[\w.\-]+", re.ASCII)  # a module name as files spell it, safe to print bare
 
 
 class LoRAError(ValueError):
     """A LoRA file or request that cannot be applied; nothing was changed."""
+
+
+def _quote(value, limit: int = MAX_QUOTED) -> str:
+    """Something a file or user provided, fit for a one-line message: repr'd (so no raw newline or
+    terminal escape gets through) and cut to about `limit` characters, in the middle for a string."""
+    if isinstance(value, str):
+        half = limit // 2
+        return repr(value if len(value) <= limit else f"{value[:half]}...{value[-half:]}")
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an int of more than 4,300 digits refuses repr()
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _layer(name) -> str:
+    """A layer name from a file: bare when it is a plain module name (how messages read best), else quoted."""
+    return name if isinstance(name, str) and len(name) <= MAX_QUOTED and PLAIN_NAME.fullmatch(name) else _quote(name)
+
+
+def _listed(names, limit: int = 40) -> str:
+    """At most MAX_LISTED names, each quoted and cut to about `limit` characters: 'a', 'b', 'c' and 2 more."""
+    names = list(names)
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(_quote(n, limit) for n in names[:MAX_LISTED]) + more
 
 
 # 1. What a file holds, normalised ---------------------------------------------------------------
@@ -142,14 +172,14 @@ class LoRA:
             unmatched = [name for name in layers if name not in table]
             if unmatched and strict:
                 raise LoRAError(f"{self.path}: {len(unmatched)} of {len(layers)} {stage} LoRA names match no module "
-                                f"of the model, e.g. {unmatched[:MAX_LISTED]}; is it a LoRA for another model family? "
+                                f"of the model, e.g. {_listed(unmatched)}; is it a LoRA for another model family? "
                                 "(pass strict=False to skip them)")
             if unmatched:
                 log.warning("%s: skipping %d %s LoRA names that match no module, e.g. %s", self.path,
-                            len(unmatched), stage, unmatched[:MAX_LISTED])
+                            len(unmatched), stage, _listed(unmatched))
             resolved: dict[str, LoRALayer] = {}
             for name, layer in layers.items():
-                if name in unmatched:
+                if name not in table:
                     continue
                 target = table[name]
                 if target in resolved:
@@ -168,9 +198,9 @@ def _check_shapes(path, name, layer: LoRALayer, target: str, module: nn.Module) 
         want_down, want_up = (layer.rank, *w.shape[1:]), (w.shape[0], layer.rank, 1, 1)
     if tuple(layer.down.shape) != want_down or tuple(layer.up.flatten(1).shape) != want_up[:2] \
             or layer.up.ndim != len(want_up):
-        raise LoRAError(f"{path}: {name}: down {tuple(layer.down.shape)} and up {tuple(layer.up.shape)} do not fit "
-                        f"{target} ({type(module).__name__}, weight {tuple(w.shape)}): expected down {want_down} and "
-                        f"up {want_up}; is it a LoRA for another model family (SD 2.x, SDXL)?")
+        raise LoRAError(f"{path}: {_layer(name)}: down {tuple(layer.down.shape)} and up {tuple(layer.up.shape)} "
+                        f"do not fit {target} ({type(module).__name__}, weight {tuple(w.shape)}): expected down "
+                        f"{want_down} and up {want_up}; is it a LoRA for another model family (SD 2.x, SDXL)?")
 
 
 # 2. Reading ---------------------------------------------------------------------------------------
@@ -179,9 +209,9 @@ def read(path: str | Path) -> LoRA:
     path = Path(path)
     try:
         raw, fmt = checkpoint._read_file(path)
+        metadata = checkpoint.safetensors_metadata(path) if fmt == "safetensors" else {}
     except checkpoint.CheckpointError as e:
         raise LoRAError(str(e)) from None
-    metadata = checkpoint.safetensors_metadata(path) if fmt == "safetensors" else {}
     if isinstance(raw.get("state_dict"), dict) and not any(isinstance(v, Tensor) for v in raw.values()):
         raw = raw["state_dict"]
     return from_state_dict(raw, metadata, path=str(path))
@@ -189,9 +219,14 @@ def read(path: str | Path) -> LoRA:
 
 def from_state_dict(state_dict: dict, metadata: dict[str, str] | None = None, *, path: str = "<state_dict>") -> LoRA:
     """Normalise a LoRA state dict (see the formats in the module docstring); raises LoRAError on anything odd."""
+    if not isinstance(state_dict, dict):
+        raise LoRAError(f"{path}: holds a {type(state_dict).__name__}; expected a dict of tensors")
+    not_str = [k for k in state_dict if not isinstance(k, str)]  # a pickle can hold any key
+    if not_str:
+        raise LoRAError(f"{path}: {len(not_str)} keys are not strings, e.g. {_listed(not_str)}; not a LoRA file")
     bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
     if bad:
-        raise LoRAError(f"{path}: {len(bad)} entries are not tensors, e.g. {bad[:MAX_LISTED]}; not a LoRA file")
+        raise LoRAError(f"{path}: {len(bad)} entries are not tensors, e.g. {_listed(bad)}; not a LoRA file")
     if not state_dict:
         raise LoRAError(f"{path}: the file holds no tensors")
     keys = list(state_dict)
@@ -208,29 +243,56 @@ def from_state_dict(state_dict: dict, metadata: dict[str, str] | None = None, *,
     for (stage, name), p in parts.items():
         if "down" not in p or "up" not in p:
             missing = "up" if "down" in p else "down"
-            raise LoRAError(f"{path}: {name} ({stage}) has no {missing} matrix")
-        down, up = p["down"], p["up"]
-        for what, t in (("down", down), ("up", up)):
-            if not t.is_floating_point():
-                raise LoRAError(f"{path}: {name}.{what} has dtype {t.dtype}; expected a floating-point tensor")
-            if not torch.isfinite(t).all():
-                raise LoRAError(f"{path}: {name}.{what} holds NaN or infinite values")
+            raise LoRAError(f"{path}: {_layer(name)} ({stage}) has no {missing} matrix")
+        down, up = (_checked_matrix(path, name, what, p[what]) for what in ("down", "up"))
         if down.ndim not in (2, 4) or up.ndim != down.ndim or (up.ndim == 4 and up.shape[2:] != (1, 1)):
-            raise LoRAError(f"{path}: {name}: down {tuple(down.shape)} / up {tuple(up.shape)}; expected (r, in) / "
-                            "(out, r), or (r, in, kh, kw) / (out, r, 1, 1) for a convolution")
+            raise LoRAError(f"{path}: {_layer(name)}: down {tuple(down.shape)} / up {tuple(up.shape)}; expected "
+                            "(r, in) / (out, r), or (r, in, kh, kw) / (out, r, 1, 1) for a convolution")
         if up.shape[1] != down.shape[0]:
-            raise LoRAError(f"{path}: {name}: rank mismatch: down {tuple(down.shape)} has rank {down.shape[0]}, "
-                            f"up {tuple(up.shape)} has rank {up.shape[1]}; they must agree")
+            raise LoRAError(f"{path}: {_layer(name)}: rank mismatch: down {tuple(down.shape)} has rank "
+                            f"{down.shape[0]}, up {tuple(up.shape)} has rank {up.shape[1]}; they must agree")
         rank = down.shape[0]
+        if rank == 0:  # scale = alpha / r
+            raise LoRAError(f"{path}: {_layer(name)}: rank 0 (down {tuple(down.shape)}); expected a rank of at least 1")
         if fmt == "peft":
             alpha = _peft_alpha_for(alphas.get(stage), name, rank)
         else:
-            alpha = float(p["alpha"]) if "alpha" in p else 0.0
-            alpha = alpha if alpha != 0 else float(rank)  # kohya: missing or 0 -> alpha = r (scale 1)
+            alpha = _kohya_alpha(path, name, p.get("alpha"), rank)
         if not math.isfinite(alpha):
-            raise LoRAError(f"{path}: {name}.alpha = {alpha}; expected a finite number")
+            raise LoRAError(f"{path}: {_layer(name)}.alpha = {alpha}; expected a finite number")
         lo.layers.setdefault(stage, {})[name] = LoRALayer(down, up, alpha)
     return lo
+
+
+def _checked_matrix(path, name: str, what: str, t: Tensor) -> Tensor:
+    """A down or up matrix, floating-point and finite. The 8-bit floats (float8_e4m3fn, ...; LoRAs ship
+    in them) come back as float32, which holds each of their values exactly: torch can neither check
+    them for NaN (isfinite) nor multiply them."""
+    if not t.is_floating_point():
+        raise LoRAError(f"{path}: {_layer(name)}.{what} has dtype {t.dtype}; expected a floating-point tensor")
+    if t.dtype.itemsize == 1:
+        try:
+            t = t.float()
+        except (NotImplementedError, RuntimeError):  # float4_e2m1fn_x2: torch cannot convert it either
+            raise LoRAError(f"{path}: {_layer(name)}.{what} has dtype {t.dtype}, which torch cannot convert; "
+                            "expected float32, float16, bfloat16 or a float8 type") from None
+    if not torch.isfinite(t).all():
+        raise LoRAError(f"{path}: {_layer(name)}.{what} holds NaN or infinite values")
+    return t
+
+
+def _kohya_alpha(path, name: str, t: Tensor | None, rank: int) -> float:
+    """A kohya .alpha tensor -> alpha; missing or 0 means alpha = r (scale 1)."""
+    if t is None:
+        return float(rank)
+    if t.numel() != 1 or t.is_complex():
+        raise LoRAError(f"{path}: {_layer(name)}.alpha holds {t.numel()} {t.dtype} values; expected one real number")
+    try:
+        alpha = float(t.reshape(()).double())  # float64: a float64 alpha keeps its value
+    except (NotImplementedError, RuntimeError):
+        raise LoRAError(f"{path}: {_layer(name)}.alpha has dtype {t.dtype}, which torch cannot convert; "
+                        "expected a real number") from None
+    return alpha if alpha != 0 else float(rank)
 
 
 def _split_kohya(path, sd: dict[str, Tensor]) -> dict[tuple[str, str], dict[str, Tensor]]:
@@ -247,7 +309,7 @@ def _split_kohya(path, sd: dict[str, Tensor]) -> dict[tuple[str, str], dict[str,
         parts.setdefault((KOHYA_PREFIXES[prefix], name), {})[ends[end]] = t
     if unknown:
         raise LoRAError(f"{path}: {len(unknown)} keys are not kohya LoRA keys (lora_unet_/lora_te_ + .lora_down.weight, "
-                        f".lora_up.weight, .alpha), e.g. {unknown[:MAX_LISTED]}; LoHa, LoKr and DoRA are not supported")
+                        f".lora_up.weight, .alpha), e.g. {_listed(unknown)}; LoHa, LoKr and DoRA are not supported")
     return parts
 
 
@@ -267,19 +329,31 @@ def _split_dotted(path, sd: dict[str, Tensor]) -> dict[tuple[str, str], dict[str
     if unknown:
         raise LoRAError(f"{path}: {len(unknown)} keys are not LoRA keys of a known format (kohya lora_unet_*, "
                         f"peft *.lora_A.weight, diffusers *.lora.down.weight / *_lora.down.weight), "
-                        f"e.g. {unknown[:MAX_LISTED]}")
+                        f"e.g. {_listed(unknown)}")
     return parts
 
 
+MAX_PATTERN_KEYS = 4096       # SD 1.x adapts ~350 modules, SDXL ~800: one key per module at most
+MAX_PATTERN_KEY_CHARS = 256   # a diffusers module name is under 80 characters
+REGEX_SYNTAX = frozenset("\\^$*+?{}[]()|")  # regex syntax, '.' aside (module names are full of dots)
+JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
 def _peft_alphas(path, metadata: dict[str, str]) -> dict[str, dict]:
-    """{stage: {"lora_alpha", "alpha_pattern", "use_rslora"}} from diffusers' "lora_adapter_metadata"."""
+    """{stage: {"lora_alpha", "alpha_pattern", "use_rslora"}} from diffusers' "lora_adapter_metadata";
+    alpha_pattern as {module name: (its position, alpha)} (see _alpha_pattern)."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
+    where = f"{path}: metadata lora_adapter_metadata"
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise LoRAError(f"{path}: the metadata lora_adapter_metadata is not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # not JSON, an int past Python's 4,300 digits, nested too deep
+        raise LoRAError(f"{where} is not JSON ldm can read ({checkpoint.one_line(e, 120)})") from None
+    if not isinstance(meta, dict):
+        raise LoRAError(f"{where} is a JSON {JSON_TYPES.get(type(meta), type(meta).__name__)}; expected an object "
+                        '({"unet.r": 4, "unet.lora_alpha": 4, ...})')
     out = {}
     for stage in STAGES:
         cfg = {k[len(stage) + 1:]: v for k, v in meta.items() if k.startswith(stage + ".")}
@@ -287,13 +361,66 @@ def _peft_alphas(path, metadata: dict[str, str]) -> dict[str, dict]:
             continue
         if cfg.get("use_dora"):
             raise LoRAError(f"{path}: a DoRA adapter ({stage}.use_dora = true); ldm applies plain LoRA only")
-        alpha = cfg.get("lora_alpha", cfg.get("r"))
+        key = "lora_alpha" if "lora_alpha" in cfg else "r"
+        alpha = None if cfg.get(key) is None else _metadata_number(where, f"{stage}.{key}", cfg[key])
         pattern = cfg.get("alpha_pattern") or {}
-        for what, v in [("lora_alpha", alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in pattern.items())]:
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise LoRAError(f"{path}: metadata {stage}.{what} = {v!r}; expected a number")
-        out[stage] = {"lora_alpha": alpha, "alpha_pattern": pattern, "use_rslora": bool(cfg.get("use_rslora"))}
+        if not isinstance(pattern, dict):
+            raise LoRAError(f"{where}: {stage}.alpha_pattern is a JSON {JSON_TYPES.get(type(pattern), '?')}; "
+                            "expected an object {module name: alpha}")
+        out[stage] = {"lora_alpha": alpha, "alpha_pattern": _alpha_pattern(where, stage, pattern),
+                      "use_rslora": bool(cfg.get("use_rslora"))}
     return out
+
+
+def _metadata_number(where: str, what: str, value) -> float:
+    """A number from the metadata as a finite float (a JSON integer can be too large for one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LoRAError(f"{where}: {what} = {_quote(value)}; expected a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise LoRAError(f"{where}: {what} = {_quote(value)}; expected a finite number")
+    return number
+
+
+def _alpha_pattern(where: str, stage: str, pattern: dict) -> dict[str, tuple[int, float]]:
+    """peft's alpha_pattern {key: alpha} -> {key: (its position, alpha)}, each key checked to be a module name.
+
+    peft gives a module the alpha of the first key for which re.match(rf"(.*\\.)?({key})$", name) holds.
+    ldm never runs a regular expression taken from a file: one like "(a+)+b" takes exponential time
+    on a name like "aaa...a". peft and diffusers write module names here (to_q, down_blocks.0.
+    attentions.0.proj_in), and for those the rule reads "the key is the name, or the end of the name
+    after a dot", which `_pattern_alpha` checks with dictionary look-ups. A key with any other regex
+    syntax is refused, and '.' means a dot (peft's regex would let it match any character).
+    """
+    if len(pattern) > MAX_PATTERN_KEYS:
+        raise LoRAError(f"{where}: {stage}.alpha_pattern has {len(pattern)} keys; at most {MAX_PATTERN_KEYS} "
+                        "(one per adapted module)")
+    index = {}
+    for position, (key, alpha) in enumerate(pattern.items()):
+        what = f"{stage}.alpha_pattern[{_quote(key)}]"
+        if len(key) > MAX_PATTERN_KEY_CHARS:
+            raise LoRAError(f"{where}: {what} has {len(key)} characters; a module name has at most "
+                            f"{MAX_PATTERN_KEY_CHARS}")
+        if not REGEX_SYNTAX.isdisjoint(key):
+            raise LoRAError(f"{where}: {what} is a regular expression; ldm reads module names only "
+                            "(to_q, down_blocks.0.attentions.0.proj_in), and never runs a regex from a file")
+        index[key] = (position, _metadata_number(where, what, alpha))
+    return index
+
+
+def _pattern_alpha(index: dict[str, tuple[int, float]], name: str) -> float | None:
+    """The alpha of the first alpha_pattern key that is `name` or a tail of it after a dot, else None."""
+    # Only tails as short as the longest allowed key can match: the work is bounded for any name.
+    tails = [name] if len(name) <= MAX_PATTERN_KEY_CHARS else []
+    dot = name.find(".", max(0, len(name) - MAX_PATTERN_KEY_CHARS - 1))
+    while dot != -1:
+        tails.append(name[dot + 1:])
+        dot = name.find(".", dot + 1)
+    hits = [index[tail] for tail in tails if tail in index]
+    return min(hits)[1] if hits else None
 
 
 def _peft_alpha_for(cfg: dict | None, name: str, rank: int) -> float:
@@ -302,8 +429,9 @@ def _peft_alpha_for(cfg: dict | None, name: str, rank: int) -> float:
     Returned as the alpha of scale = alpha / r (rsLoRA's alpha / sqrt(r) is folded in)."""
     if cfg is None or cfg["lora_alpha"] is None:
         return float(rank)  # no metadata: scale 1
-    alpha = next((v for k, v in cfg["alpha_pattern"].items() if re.match(rf"(.*\.)?({k})$", name)), cfg["lora_alpha"])
-    return float(alpha) * (math.sqrt(rank) if cfg["use_rslora"] else 1.0)
+    alpha = _pattern_alpha(cfg["alpha_pattern"], name)
+    alpha = cfg["lora_alpha"] if alpha is None else alpha
+    return alpha * (math.sqrt(rank) if cfg["use_rslora"] else 1.0)
 
 
 # 3. Matching names: the table of every adaptable module -------------------------------------------
@@ -410,9 +538,46 @@ def _lora_forward_hook(adapters: list[tuple[Tensor, Tensor, float]]):
 
 
 def _weight(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LoRAError(f"{where}: weight {value!r} is not a finite number")
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise LoRAError(f"{where}: weight {_quote(value)} is not a finite number")
     return float(value)
+
+
+def _scaled_delta(path: str, where: str, layer: LoRALayer, m: float, dtype: torch.dtype) -> Tensor:
+    """m * alpha / r * up @ down in float32, refused unless it is finite in float32 and in the model's
+    dtype: huge values, alpha or weight are named here, before a weight changes, not found later as a
+    NaN image that seems to blame the checkpoint."""
+    delta = (m * layer.scale) * layer.delta()
+    if not torch.isfinite(delta.to(dtype)).all():
+        largest = layer.delta().abs().max().item()
+        raise LoRAError(f"{path}: {where}: weight {m:g} x alpha/rank {layer.scale:g} x up @ down (largest "
+                        f"{largest:.3g}) is not finite in {dtype}; the LoRA's numbers or its weight are too large")
+    return delta
+
+
+def _prepare(model: nn.Module, stage: str, target: str, adapters: list[tuple[str, LoRALayer, float]],
+             merge: bool) -> tuple[nn.Module, object]:
+    """(module, its merged weight) or (module, the adapters its forward hook adds), every number checked."""
+    module = model.get_submodule(target)
+    w, where = module.weight, f"{stage} {target}"
+    deltas = [_scaled_delta(path, where, layer, m, w.dtype) for path, layer, m in adapters]
+    files = ", ".join(dict.fromkeys(path for path, _, _ in adapters))
+    if not merge:
+        hooked = [(layer.down.to(w.device, w.dtype), layer.up.to(w.device, w.dtype), m * layer.scale)
+                  for _, layer, m in adapters]
+        if not all(torch.isfinite(down).all() and torch.isfinite(up).all() for down, up, _ in hooked):
+            raise LoRAError(f"{files}: {where}: down or up is not finite in {w.dtype}; its values are too large")
+        return module, hooked
+    merged = (w.data.float() + sum(deltas).to(w.device)).to(w.dtype)
+    if not torch.isfinite(merged).all():
+        why = ("the model's weight already holds NaN or infinite values" if not torch.isfinite(w.data).all()
+               else f"the merged weight W + delta is not finite in {w.dtype}; lower the weight")
+        raise LoRAError(f"{files}: merging into {where}: {why}")
+    return module, merged
 
 
 def apply(text_encoder: nn.Module | None, unet: nn.Module | None, loras: list, *, merge: bool = True,
@@ -421,33 +586,28 @@ def apply(text_encoder: nn.Module | None, unet: nn.Module | None, loras: list, *
 
     merge=True adds m * alpha / r * up @ down to each weight (new tensors; the originals are kept, so
     unmerge is exact). merge=False leaves the weights alone and adds m * scale * up(down(x)) in a
-    forward hook. strict=False skips names matching no module. Everything is read and checked first:
-    on an error nothing has changed.
+    forward hook. strict=False skips names matching no module. Everything is read and checked first
+    (names, shapes, and that every delta and merged weight is finite): on an error nothing has changed.
     """
     models = {"unet": unet, "text_encoder": text_encoder}
-    plan: dict[tuple[str, str], list[tuple[LoRALayer, float]]] = {}
+    plan: dict[tuple[str, str], list[tuple[str, LoRALayer, float]]] = {}
     for i, item in enumerate(loras):
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise LoRAError(f"loras[{i}] = {item!r}; expected a (LoRA or path, weight) pair")
+            raise LoRAError(f"loras[{i}] = {_quote(item)}; expected a (LoRA or path, weight) pair")
         lo, weight = item
         lo = lo if isinstance(lo, LoRA) else read(lo)
         weight = _weight(weight, lo.path)
         for stage, layers in lo.resolve(models, strict=strict).items():
             for target, layer in layers.items():
-                plan.setdefault((stage, target), []).append((layer, weight))
+                plan.setdefault((stage, target), []).append((lo.path, layer, weight))
+    changes = [_prepare(models[stage], stage, target, adapters, merge) for (stage, target), adapters in plan.items()]
     handle = Applied(merge)
-    for (stage, target), adapters in plan.items():
-        module = models[stage].get_submodule(target)
-        w = module.weight
+    for module, change in changes:  # all checked: from here on nothing can fail halfway
         if merge:
-            delta = sum(m * layer.scale * layer.delta() for layer, m in adapters)
-            merged = (w.data.float() + delta.to(w.device)).to(w.dtype)
-            handle.originals.append((w, w.data, merged))
-            w.data = merged
+            handle.originals.append((module.weight, module.weight.data, change))
+            module.weight.data = change
         else:
-            hooked = [(layer.down.to(w.device, w.dtype), layer.up.to(w.device, w.dtype), m * layer.scale)
-                      for layer, m in adapters]
-            handle.hooks.append(module.register_forward_hook(_lora_forward_hook(hooked)))
+            handle.hooks.append(module.register_forward_hook(_lora_forward_hook(change)))
     handle.num_modules = len(plan)
     log.info("LoRA: %d modules %s", len(plan), "merged" if merge else "hooked")
     return handle
@@ -456,16 +616,20 @@ def apply(text_encoder: nn.Module | None, unet: nn.Module | None, loras: list, *
 def parse_spec(text: str) -> tuple[str, float]:
     """'PATH[:WEIGHT]' (the CLI's --lora) -> (path, weight); the weight defaults to 1.0.
 
-    A colon followed by a path separator belongs to the path (C:\\loras\\x.safetensors).
+    A text naming an existing file or folder is the path whole (my:style.safetensors); otherwise the
+    text after the last colon is the weight, unless a path separator follows the colon
+    (C:\\loras\\x.safetensors).
     """
+    if os.path.exists(text):
+        return text, 1.0
     path, sep, tail = text.rpartition(":")
     if not sep or "/" in tail or "\\" in tail or not path:
         return text, 1.0
     try:
         weight = float(tail)
     except ValueError:
-        raise LoRAError(f"--lora {text!r}: the weight {tail!r} is not a number; use PATH or PATH:WEIGHT "
-                        "(e.g. style.safetensors:0.8)") from None
+        raise LoRAError(f"--lora {_quote(text, 100)}: the weight {_quote(tail, 40)} is not a number; use PATH or "
+                        "PATH:WEIGHT (e.g. style.safetensors:0.8)") from None
     if not math.isfinite(weight):
-        raise LoRAError(f"--lora {text!r}: the weight {tail!r} is not a finite number")
+        raise LoRAError(f"--lora {_quote(text, 100)}: the weight {_quote(tail, 40)} is not a finite number")
     return path, weight

@@ -54,6 +54,12 @@ def read_file(path: Path) -> tuple[dict, str]:
     """One file -> (its top-level dict, "safetensors" | "ckpt")."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    # checkpoint.read takes a folder as a diffusers folder before it gets here; the LoRA and
+    # embedding readers come straight here, where open() would raise a bare IsADirectoryError
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory; expected a single file (.safetensors, .ckpt, .pt or .bin)")
+    if not path.is_file():                            # a pipe or device: open() or read() could block
+        raise CheckpointError(f"{path}: not a regular file; expected a single file (.safetensors, .ckpt, .pt or .bin)")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty")
