@@ -105,15 +105,21 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     return device, dtype
 
 
-def check_finite(x: torch.Tensor, what: str, computed_in: torch.dtype | None = None) -> torch.Tensor:
+def check_finite(x: torch.Tensor, what: str, computed_in: torch.dtype | None = None,
+                 loras: list[str] = ()) -> torch.Tensor:
     """x unchanged, or NonFiniteError saying how many values of `what` are NaN/inf and the likely
-    cause, which depends on the precision the network that made x ran in (`computed_in`)."""
+    cause, which depends on the precision the network that made x ran in (`computed_in`) and on the
+    LoRAs merged into it (`loras`, their names: the first suspects, since a checkpoint loads checked)."""
     bad = ~torch.isfinite(x)
     if bad.any():
         computed_in = computed_in or x.dtype
         if computed_in in (torch.float16, torch.bfloat16):
             cause = (f"computed in {computed_in}: half-precision overflow; run in float32 (dtype=torch.float32, "
                      f"or --dtype fp32), or keep the VAE in float32 (vae_dtype=torch.float32)")
+        elif loras:
+            cause = (f"computed in {computed_in}, so not a half-precision overflow: the LoRAs loaded "
+                     f"({', '.join(repr(name[:60]) for name in loras[:3])}) may push the weights out of range "
+                     f"(retry without them or at a lower weight), or the sampler settings diverged")
         else:
             cause = (f"computed in {computed_in}, so not a half-precision overflow: the checkpoint's weights "
                      f"may hold NaN/inf (check the file), or the sampler settings diverged")
@@ -281,7 +287,7 @@ class Pipeline:
 
         tile=None tiles above AUTO_TILE_LATENT latents a side (512 pixels); NaN/inf raise NonFiniteError.
         """
-        check_finite(latents, "the latent", self.dtype)
+        check_finite(latents, "the latent", self.dtype, [lo.name for lo in self.loras])
         out = []
         for b, z in enumerate(latents.split(1)):  # one at a time: peak memory of one decode
             z = (z / self.vae.cfg.scaling_factor).to(self.device, self.vae_dtype)  # (1, C, h, w), unscaled
@@ -417,7 +423,7 @@ class Pipeline:
                 step_hook=hook)
         finally:
             bar.close()
-        check_finite(latents, "the final latent", self.dtype)
+        check_finite(latents, "the final latent", self.dtype, [lo.name for lo in self.loras])
 
         # 4. decode, and the PNG text of each image
         pil = imgs.to_pil(self.decode(latents, o.tile))

@@ -254,3 +254,18 @@ def test_parse_spec_weight_errors_are_short(text, match):
         lora.parse_spec(text)
     message = str(e.value)
     assert len(message) < 300 and "\n" not in message and "\x1b" not in message, message
+
+
+def test_a_finite_but_huge_lora_is_named_when_the_generation_overflows(tmp_path):
+    """alpha 3e38 on tiny matrices merges to finite to_v weights of about 3e34, so only the generation
+    overflows; the error then names the LoRA first, not the checkpoint's weights."""
+    import ldm
+    from ldm.pipeline import NonFiniteError
+
+    pipe = ldm.load(weights.random_checkpoint(tmp_path / "m.safetensors"), device="cpu")
+    r = 4
+    path = kohya_file(tmp_path / "huge.safetensors", pipe.unet, torch.full((r, 32), 1e-2), torch.full((32, r), 1e-2),
+                      alpha=torch.tensor(3e38), name=TO_K.replace("to_k", "to_v"))
+    pipe.load_lora(path)
+    with pytest.raises(NonFiniteError, match=r"the LoRAs loaded \('huge'\) may push the weights out of range"):
+        pipe.generate("a dog", steps=2, height=64, width=64, progress=False)
