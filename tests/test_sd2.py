@@ -241,7 +241,7 @@ def test_the_callers_prediction_type_comes_first_and_the_unet_is_not_run(bare, t
     assert checkpoint.read(spec, prediction_type="epsilon").prediction_type == "epsilon"
     with pytest.raises(ValueError, match=r"^prediction_type='sample' is not a choice for the sd2 family"):
         checkpoint.read(path, prediction_type="sample")
-    with pytest.raises(ValueError, match=r"^prediction_type='banana' is unknown"):
+    with pytest.raises(ValueError, match=r"^prediction_type='banana' is not a choice for the sd2 family"):
         ldm.load(path, device="cpu", prediction_type="banana")
 
 

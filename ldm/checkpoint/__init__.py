@@ -40,7 +40,6 @@ from ldm.checkpoint.files import read_diffusers_folder, read_file, read_schedule
 from ldm.checkpoint.write import (CONFIG_METADATA_KEY, RANDOM_METADATA_KEY, single_file_state_dict,
                                   write_single_file)
 from ldm.families import Family
-from ldm.sampler_common import check_prediction_type
 
 __all__ = ["Checkpoint", "read", "from_state_dict", "load_stage", "CheckpointError", "UnsafeCheckpointError",
            "STAGES", "KeyMapConfig", "key_map", "DIFFUSERS_TO_COMPVIS", "INNER_RENAMES", "format_key_map",
@@ -174,8 +173,6 @@ def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = Fals
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r}; allowed: None or a floating torch.dtype (torch.float16, ...)")
-    if prediction_type is not None:
-        check_prediction_type(prediction_type)
     path = Path(path)
     if path.is_dir():
         stages, ignored = read_diffusers_folder(path)
