@@ -1,9 +1,14 @@
-"""Shared test machinery: the three tiers and where a real checkpoint is found.
+"""Shared test machinery: the tiers and where a real checkpoint is found.
 
 Tiers (markers, declared in pyproject.toml):
   (none)   tiny configs, milliseconds; always run.
-  full     the full SD 1.x architecture with random weights; runs by default, deselect
-           with `-m "not full"` for a quick loop.
+  docs     the docs site: one `mkdocs build --strict` that executes every notebook once, and
+           the headless-browser checks of what it shows; in the default run (`-m "not docs"`
+           leaves it out for a quick loop).
+  full     the full-size architectures with random weights (real shapes and key names), minutes:
+           a tier of its own, left out of the default run so it stays well under 10 minutes on
+           2 cores. `python -m pytest -m full` runs it alone, `--full` adds it to the default run;
+           naming a test by its node id runs it whatever its tier. .ci/run runs both.
   gpu      needs CUDA; skipped cleanly without it.
   weights  needs a real SD 1.x checkpoint: $LDM_CHECKPOINT, or the first
            *.safetensors / *.ckpt / diffusers folder in weights/; skipped without one.
@@ -28,7 +33,23 @@ def find_real_checkpoint() -> Path | None:
     return find_checkpoint(ROOT / "weights", real_only=True)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="also run the full-size tier (tests marked full), which the default run leaves out")
+
+
+def _runs_full_tier(config) -> bool:
+    """The full tier runs when asked for: --full, a -m expression that names it (`-m full`), or a node id."""
+    named = any("::" in str(arg) for arg in config.args)
+    return config.getoption("--full") or "full" in (config.getoption("-m") or "") or named
+
+
 def pytest_collection_modifyitems(config, items):
+    if not _runs_full_tier(config):
+        full = [item for item in items if item.get_closest_marker("full")]
+        if full:
+            config.hook.pytest_deselected(items=full)
+            items[:] = [item for item in items if not item.get_closest_marker("full")]
     has_cuda = torch.cuda.is_available()
     ckpt = find_real_checkpoint()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none found)")

@@ -22,6 +22,8 @@ from urllib.parse import unquote, urljoin, urlparse
 
 import pytest
 
+pytestmark = pytest.mark.docs  # a tier: the build executes every notebook once (see conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 CHAPTERS = sorted((ROOT / "docs").glob("[0-9][0-9]-*.md"))

@@ -67,3 +67,26 @@ def test_the_reference_libraries_import_from_the_repository_root():
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     last = (run.stderr.strip().splitlines() or [""])[-1]
     assert run.returncode == 0 and run.stdout.strip() == "ok", f"import from the repository root failed: {last}"
+
+
+def _readme_test_command() -> str:
+    text = (ROOT / "README.md").read_text()
+    commands = [line for line in text.splitlines() if line.startswith("python3 -m venv") and "pytest" in line]
+    assert len(commands) == 1, f"README: expected one test command, found {commands}"
+    return commands[0]
+
+
+def test_the_readme_test_command_installs_proven_versions_and_ci_runs_it():
+    command = _readme_test_command()
+    assert '-e ".[test]" -c constraints.txt' in command
+    assert command in (ROOT / ".ci" / "run").read_text(), ".ci/run must run the README's test command word for word"
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            requirement = line.split(";")[0].strip()
+            name, _, version = requirement.partition("==")
+            pins[name.lower().replace("_", "-")] = version
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "mkdocs", "mkdocs-material",
+                 "nbclient", "nbconvert", "ipykernel", "pytest", "triton"):
+        assert pins.get(name), f"constraints.txt pins no version of {name}"
+    assert pins["torch"] == "2.13.0", "the CPU build on disk; a newer pin pulls several GB of CUDA packages"
