@@ -415,9 +415,10 @@ def cmd_download(args) -> None:
         if digest != sha256:
             raise CLIError(f"{filename}: sha256 {digest} is not the expected {sha256}; the download is "
                            f"corrupt or the file changed upstream; nothing was kept")
-        if target.exists():  # appeared while we downloaded
-            raise CLIError(f"{target} already exists; not overwritten")
-        os.replace(got, target)
+        try:
+            os.link(got, target)  # exclusive: a target that appeared while we downloaded is never replaced
+        except FileExistsError:
+            raise CLIError(f"{target} already exists; not overwritten") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {target} (sha256 checked)")

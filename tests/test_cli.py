@@ -399,6 +399,19 @@ def test_download_checks_the_checksum_and_keeps_nothing_bad(in_tmp, capsys, monk
     rc, _, err = run(capsys, "download")
     assert rc == 1 and "already exists; not overwritten" in err
     assert (in_tmp / "weights" / "v1-5-pruned-emaonly.safetensors").read_bytes() == b"not the real weights"
+    # a file that appears at the target while the download runs (another process) is never replaced
+    target = in_tmp / "weights" / "v1-5-pruned-emaonly.safetensors"
+    target.unlink()
+
+    def racing_download(repo, filename, local_dir):
+        target.write_bytes(b"the other process's file")
+        return fake_download(repo, filename, local_dir)
+
+    monkeypatch.setattr(hub, "hf_hub_download", racing_download)
+    rc, _, err = run(capsys, "download")
+    assert rc == 1 and "already exists; not overwritten" in err
+    assert target.read_bytes() == b"the other process's file"
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
 
 
 def test_the_search_for_real_weights_passes_over_random_checkpoints(in_tmp, capsys):
