@@ -29,6 +29,15 @@ A BREAK inside brackets is still a BREAK here (A1111 weights it, and then reads 
 The mean is restored per prompt and chunk; A1111 takes it over the whole batch's chunk, which
 is the same for one prompt at a time, as its sampler calls it.
 
+Bounds (A1111 has none): a prompt holds at most MAX_PROMPT_CHARS characters, MAX_CHUNKS chunks
+(2,400 tokens) and MAX_DEPTH open brackets, and every piece's weight is finite with |w| <=
+MAX_WEIGHT ("(x:99...9)" with 400 nines or 80 nested "(" give inf or 2048, which would ruin the
+image silently or fail later as NaNs). Past a bound, PromptError names the prompt, the place and the limit, before
+any tensor is made. The parser is linear: each group's multiplier is found first (a "(x:w)"
+weight stands at its closing bracket), then each piece is multiplied by the multipliers of the
+groups open around it, in the order A1111 applies them (the first to close first), so the floats
+equal A1111's bit for bit.
+
 CLIP skip counts as A1111's setting does: clip_skip=1 is the last layer (SD 1.x), 2 the one
 before (what NovelAI-derived checkpoints want). diffusers' `encode_prompt(clip_skip=k)` counts
 the layers skipped, so A1111's N is diffusers' k = N - 1, and ldm.clip's `clip_skip=N - 1`.
@@ -50,6 +59,7 @@ loaders/textual_inversion.py; Gal et al. 2022, "An Image is Worth One Word" (tex
 from __future__ import annotations
 
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -58,6 +68,7 @@ import torch
 from einops import rearrange
 
 from ldm import checkpoint
+from ldm.tokenizer import MAX_NAME_CHARS, MAX_RUN_CHARS
 
 __all__ = ["BREAK", "PromptError", "EmbeddingError", "Chunk", "Embedding", "parse", "chunk",
            "tokenize", "apply_weights", "encode", "read_embedding", "load_embedding"]
@@ -65,6 +76,13 @@ __all__ = ["BREAK", "PromptError", "EmbeddingError", "Chunk", "Embedding", "pars
 BREAK = ("BREAK", -1.0)  # the marker parse() puts where "BREAK" starts a new chunk (A1111's)
 ROUND, SQUARE = 1.1, 1 / 1.1  # "(x)" and "[x]" multipliers
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+
+# Bounds A1111 does not have; each keeps one prompt's work and memory small (see the docstring).
+MAX_PROMPT_CHARS = MAX_RUN_CHARS  # 65,536; 32 chunks of English are ~12,000 characters, and the
+# tokenizer reads a text this long exactly as the reference does (its one lossy cut is past it)
+MAX_CHUNKS = 32  # 32 x 75 = 2,400 tokens, (1, 2464, C) of context; the longest prompts shared are ~10 chunks
+MAX_DEPTH = 100  # brackets open at once; ((((x)))) is already strong emphasis
+MAX_WEIGHT = 1000.0  # |weight| of any piece: 1.5 is strong, 1000 x a hidden state is far from overflow
 
 
 class PromptError(ValueError):
@@ -90,65 +108,128 @@ _NUMBER = re.compile(r"[+-]?[.\d]+")  # what A1111 accepts as a weight (then flo
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
+_short = reprlib.Repr()  # repr for error lines: a long value is cut, so the message stays one short line
+_short.maxstring = _short.maxother = 40
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    """repr(text) cut to about `limit` characters: one line, whatever the text holds."""
+    shown = repr(text[:limit])
+    if len(shown) > limit + 2:  # escapes (control characters, emoji) made it long: cut the repr
+        return shown[:limit + 1] + "..."
+    return shown + ("..." if len(text) > limit else "")
+
+
+def _kind(obj) -> str:
+    """An object's type name for an error line (a pickle can name a class anything)."""
+    name = type(obj).__name__
+    return name if name.isidentifier() and len(name) <= 60 else _quote(name, 40)
+
+
 def _show(text: str, at: int) -> str:
     """The prompt for an error line: whole if short, else the 60 characters around `at`."""
-    if len(text) <= 100:
+    if len(text) <= 100 and len(repr(text)) <= 120:
         return repr(text)
     a = max(0, at - 30)
-    return f"{'...' if a else ''}{text[a:a + 60]!r}..."
+    return f"{'...' if a else ''}{_quote(text[a:], 60)}"
+
+
+def _check_prompt(text) -> None:
+    """A prompt must be a str of at most MAX_PROMPT_CHARS characters."""
+    if not isinstance(text, str):
+        raise TypeError(f"prompt={_short.repr(text)} must be a str (got {_kind(text)})")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(f"prompt {_show(text, 0)} has {len(text):,} characters; at most "
+                          f"{MAX_PROMPT_CHARS:,} (ldm.prompt.MAX_PROMPT_CHARS) are read")
+
+
+def _groups(text: str, tokens: list[re.Match]) -> dict[int, tuple[int, float]]:
+    """Match the brackets: {index of an opening token: (index of its closing token, multiplier)}.
+
+    Round and square brackets pair separately, as A1111 pairs them ("([a)]" is allowed).
+    Raises PromptError at the first bracket that is unbalanced, nested deeper than MAX_DEPTH,
+    or closes with a weight that is not a number in [-MAX_WEIGHT, MAX_WEIGHT].
+    """
+    groups: dict[int, tuple[int, float]] = {}
+    open_round: list[tuple[int, int]] = []  # (token index, character) of each open "("
+    open_square: list[tuple[int, int]] = []
+
+    def close(stack, k: int, at: int, char: str, opener: str, factor: float) -> None:
+        if not stack:
+            raise PromptError(f"prompt {_show(text, at)}: {char!r} at character {at} closes no "
+                              f"{opener!r}; write \\{char} for a literal {char}")
+        groups[stack.pop()[0]] = (k, factor)
+
+    for k, m in enumerate(tokens):
+        tok, weight, at = m.group(0), m.group(1), m.start()
+        if tok in ("(", "["):
+            (open_round if tok == "(" else open_square).append((k, at))
+            if len(open_round) + len(open_square) > MAX_DEPTH:
+                raise PromptError(f"prompt {_show(text, at)}: {tok!r} at character {at} opens more than "
+                                  f"{MAX_DEPTH} brackets at once (ldm.prompt.MAX_DEPTH)")
+        elif weight is not None:
+            if not _NUMBER.fullmatch(weight) or not _is_float(weight):
+                raise PromptError(f"prompt {_show(text, at)}: the weight {_short.repr(weight)} at character {at} "
+                                  "is not a number; write (text:1.2), or \\: for a literal colon")
+            if not abs(float(weight)) <= MAX_WEIGHT:  # also catches inf ("(x:999...9)" of 400 digits)
+                raise PromptError(f"prompt {_show(text, at)}: the weight {_short.repr(weight)} at character {at} "
+                                  f"is out of range; allowed: -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} "
+                                  "(ldm.prompt.MAX_WEIGHT)")
+            close(open_round, k, m.end() - 1, ")", "(", float(weight))
+        elif tok == ")":
+            close(open_round, k, at, ")", "(", ROUND)
+        elif tok == "]":
+            close(open_square, k, at, "]", "[", SQUARE)
+    for stack, char, closer in ((open_round, "(", ")"), (open_square, "[", "]")):
+        if stack:
+            at = stack[-1][1]
+            raise PromptError(f"prompt {_show(text, at)}: {char!r} at character {at} is never closed; "
+                              f"add {closer!r} or write \\{char} for a literal {char}")
+    return groups
 
 
 def parse(text: str) -> list[tuple[str, float]]:
     """A1111's parse_prompt_attention: text -> [(text, weight), ...], BREAK markers in between.
 
     Runs of equal weight are merged, so "an (important) word" ->
-    [("an ", 1.0), ("important", 1.1), (" word", 1.0)]. Unbalanced brackets and weights
-    that are not numbers raise PromptError.
+    [("an ", 1.0), ("important", 1.1), (" word", 1.0)]. Unbalanced brackets, weights that
+    are not numbers and anything past the bounds (module docstring) raise PromptError.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"prompt={text!r} must be a str (got {type(text).__name__})")
+    _check_prompt(text)
+    tokens = list(_TOKEN.finditer(text))
+    groups = _groups(text, tokens)
+    opener_of = {closer: opener for opener, (closer, _) in groups.items()}
     res: list[list] = []  # [text, weight]; BREAK pieces are [*BREAK] and are never weighted
-    open_round: list[tuple[int, int]] = []  # (index in res where the group starts, character)
-    open_square: list[tuple[int, int]] = []
+    open_groups: dict[int, tuple[int, float]] = {}  # opener -> (closer, multiplier), for groups open now
+    weight: float | None = 1.0  # the product for open_groups; None when it must be recomputed
 
-    def multiply(start: int, factor: float) -> None:
-        for piece in res[start:]:
-            if tuple(piece) != BREAK:
-                piece[1] *= factor
+    def emit(piece: str, at: int) -> None:
+        nonlocal weight
+        if weight is None:  # A1111 multiplies a piece at each group's close: the first to close first
+            weight = 1.0
+            for _, factor in sorted(open_groups.values()):
+                weight *= factor
+        if not abs(weight) <= MAX_WEIGHT:
+            raise PromptError(f"prompt {_show(text, at)}: the text at character {at} has weight {weight:.4g}, "
+                              f"the product of its brackets; allowed: -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} "
+                              "(ldm.prompt.MAX_WEIGHT)")
+        res.append([piece, weight])
 
-    def close(stack, at: int, char: str, opener: str, factor: float) -> None:
-        if not stack:
-            raise PromptError(f"prompt {_show(text, at)}: {char!r} at character {at} closes no "
-                              f"{opener!r}; write \\{char} for a literal {char}")
-        multiply(stack.pop()[0], factor)
-
-    for m in _TOKEN.finditer(text):
-        tok, weight, at = m.group(0), m.group(1), m.start()
-        if tok.startswith("\\"):
-            res.append([tok[1:], 1.0])  # "\\(" -> "(", a lone "\\" -> ""
-        elif tok == "(":
-            open_round.append((len(res), at))
-        elif tok == "[":
-            open_square.append((len(res), at))
-        elif weight is not None:
-            if not _NUMBER.fullmatch(weight) or not _is_float(weight):
-                raise PromptError(f"prompt {_show(text, at)}: the weight {weight!r} at character {at} "
-                                  "is not a number; write (text:1.2), or \\: for a literal colon")
-            close(open_round, m.end() - 1, ")", "(", float(weight))
-        elif tok == ")":
-            close(open_round, at, ")", "(", ROUND)
-        elif tok == "]":
-            close(open_square, at, "]", "[", SQUARE)
+    for k, m in enumerate(tokens):
+        tok, at = m.group(0), m.start()
+        if k in groups:  # an opening bracket
+            open_groups[k] = groups[k]
+            weight = None
+        elif k in opener_of:  # a closing one: its group ends
+            del open_groups[opener_of[k]]
+            weight = None
+        elif tok.startswith("\\"):
+            emit(tok[1:], at)  # "\\(" -> "(", a lone "\\" -> ""
         else:  # plain text, which may hold BREAKs
             for i, part in enumerate(_BREAK.split(tok)):
                 if i:
                     res.append(list(BREAK))
-                res.append([part, 1.0])
-    for stack, char, closer in ((open_round, "(", ")"), (open_square, "[", "]")):
-        if stack:
-            at = stack[-1][1]
-            raise PromptError(f"prompt {_show(text, at)}: {char!r} at character {at} is never closed; "
-                              f"add {closer!r} or write \\{char} for a literal {char}")
+                emit(part, at)
     if not res:
         res = [["", 1.0]]
     merged = [res[0]]
@@ -187,12 +268,14 @@ def chunk(prompt: str, tokenizer, *, weighting: bool = True,
     Each parsed piece is tokenized on its own. A chunk closes at 75 tokens or at BREAK; when
     one is full and a comma lies within `comma_backtrack` tokens of its end, the tokens after
     that comma move to the next chunk. A multi-vector embedding is never split between chunks.
-    weighting=False reads brackets as plain text (A1111's emphasis "None").
+    weighting=False reads brackets as plain text (A1111's emphasis "None"). More than
+    MAX_CHUNKS chunks raise PromptError.
     """
     n = tokenizer.max_length - 2  # 75
     bos, eos, comma = tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab[",</w>"]
     pad_id = getattr(tokenizer, "pad_id", eos)
     groups = {ids[0]: ids for ids in getattr(tokenizer, "added_words", {}).values() if len(ids) > 1}
+    _check_prompt(prompt)
     pieces = parse(prompt) if weighting else [(prompt, 1.0)]
     chunks: list[Chunk] = []
     ids: list[int] = []
@@ -201,6 +284,9 @@ def chunk(prompt: str, tokenizer, *, weighting: bool = True,
 
     def next_chunk() -> None:
         nonlocal ids, weights, last_comma
+        if len(chunks) == MAX_CHUNKS:  # refused before the ids of a huge prompt are gathered
+            raise PromptError(f"prompt {_show(prompt, 0)} needs more than {MAX_CHUNKS} chunks of {n} tokens "
+                              f"(each BREAK starts one); at most {MAX_CHUNKS} (ldm.prompt.MAX_CHUNKS)")
         pad = n - len(ids)
         chunks.append(Chunk((bos, *ids, eos, *[pad_id] * pad), (1.0, *weights, *[1.0] * pad, 1.0)))
         ids, weights, last_comma = [], [], -1
@@ -297,7 +383,15 @@ class Embedding:
     path: Path
 
 
-def _vectors_of(path: Path, data: dict) -> tuple[str | None, object]:
+MAX_WIDTH = 4096  # the widest text encoder SD uses is OpenCLIP ViT-bigG's 1280
+
+
+def _file(path: Path) -> str:
+    """A file's name for an error line: as is, or quoted if it holds control characters."""
+    return str(path) if str(path).isprintable() else _quote(str(path), 200)
+
+
+def _vectors_of(where: str, data: dict) -> tuple[str | None, object]:
     """(the name the format implies, or None for the file stem; the raw vectors)."""
     if "string_to_param" in data:  # A1111 .pt
         params = data["string_to_param"]
@@ -305,42 +399,52 @@ def _vectors_of(path: Path, data: dict) -> tuple[str | None, object]:
             state = getattr(params, "state", None)  # unpickler gives an inert stand-in holding its state
             params = state.get("_parameters", params) if isinstance(state, dict) else params
         if not isinstance(params, dict) or len(params) != 1:
-            raise EmbeddingError(f"{path}: string_to_param must hold exactly one tensor (A1111 uses '*'); "
-                                 f"got {type(params).__name__} with {len(params) if isinstance(params, dict) else '?'}")
+            raise EmbeddingError(f"{where}: string_to_param must hold exactly one tensor (A1111 uses '*'); "
+                                 f"got {_kind(params)} with {len(params) if isinstance(params, dict) else '?'}")
         return None, next(iter(params.values()))
     if "clip_l" in data or "clip_g" in data:
-        raise EmbeddingError(f"{path}: an SDXL embedding (clip_l / clip_g); expected an SD 1.x one "
+        raise EmbeddingError(f"{where}: an SDXL embedding (clip_l / clip_g); expected an SD 1.x one "
                              "(string_to_param, emb_params, or one diffusers token)")
     if set(data) == {"emb_params"}:  # A1111 / kohya .safetensors
         return None, data["emb_params"]
     if len(data) == 1:  # diffusers learned_embeds: {"<token>": vectors}
         key, value = next(iter(data.items()))
-        return str(key), value
-    raise EmbeddingError(f"{path}: not a textual-inversion embedding: keys {sorted(map(str, data))[:8]}; "
+        if not isinstance(key, str):
+            raise EmbeddingError(f"{where}: the one key is {_short.repr(key)} ({_kind(key)}); expected "
+                                 "the token as a str (diffusers learned_embeds)")
+        return key, value
+    keys = sorted(map(str, data))
+    shown = ", ".join(_quote(k, 16) for k in keys[:4]) + (f", ... {len(keys) - 4} more" if len(keys) > 4 else "")
+    raise EmbeddingError(f"{where}: not a textual-inversion embedding: keys [{shown}]; "
                          "expected string_to_param (A1111 .pt), emb_params, or one diffusers token")
 
 
 def read_embedding(path: str | Path, name: str | None = None) -> tuple[str, torch.Tensor]:
     """An embedding file -> (prompt word, vectors (n, C) float32). Reads only: nothing is added."""
     path = Path(path)
+    where = _file(path)
     try:
         data, _ = checkpoint._read_file(path)  # safetensors, or torch zip through the safe unpickler
     except checkpoint.CheckpointError as e:
-        raise EmbeddingError(str(e)) from None
-    implied, vectors = _vectors_of(path, data)
+        message = str(e).replace(str(path), where, 1)  # the reader names the file as is
+        raise EmbeddingError(message if message.isprintable() else _quote(message, 300)) from None
+    implied, vectors = _vectors_of(where, data)
     word = name if name is not None else (implied if implied is not None else path.stem)
+    if not isinstance(word, str) or len(word) > MAX_NAME_CHARS:  # before 75 copies of it are made
+        raise EmbeddingError(f"{where}: the prompt word {_short.repr(word)} must be a str of at most "
+                             f"{MAX_NAME_CHARS} characters (pass name= to choose it)")
     if not isinstance(vectors, torch.Tensor):
-        raise EmbeddingError(f"{path}: the embedding is a {type(vectors).__name__}; expected a tensor (n, C)")
+        raise EmbeddingError(f"{where}: the embedding is a {_kind(vectors)}; expected a tensor (n, C)")
     if vectors.dim() == 1:
         vectors = vectors[None]  # one vector (C,) -> (1, C)
-    if vectors.dim() != 2 or not 1 <= vectors.shape[0] <= 75:
-        raise EmbeddingError(f"{path}: the embedding has shape {tuple(vectors.shape)}; expected (n, C) "
-                             "with 1 <= n <= 75 vectors (a prompt chunk holds 75 tokens)")
+    if vectors.dim() != 2 or not 1 <= vectors.shape[0] <= 75 or not 1 <= vectors.shape[1] <= MAX_WIDTH:
+        raise EmbeddingError(f"{where}: the embedding has shape {tuple(vectors.shape)}; expected (n, C) "
+                             f"with 1 <= n <= 75 vectors (a prompt chunk holds 75 tokens) and 1 <= C <= {MAX_WIDTH}")
     if not vectors.is_floating_point():
-        raise EmbeddingError(f"{path}: the embedding holds {vectors.dtype} values; expected floating-point numbers")
+        raise EmbeddingError(f"{where}: the embedding holds {vectors.dtype} values; expected floating-point numbers")
     vectors = vectors.float().clone()  # off the file's memory map
     if not torch.isfinite(vectors).all():
-        raise EmbeddingError(f"{path}: the embedding holds NaN or infinite values; expected finite numbers")
+        raise EmbeddingError(f"{where}: the embedding holds NaN or infinite values; expected finite numbers")
     return word, vectors
 
 
@@ -351,19 +455,20 @@ def load_embedding(path: str | Path, tokenizer, text_encoder, name: str | None =
     file leaves both as they were.
     """
     path = Path(path)
+    where = _file(path)
     word, vectors = read_embedding(path, name)
     C = text_encoder.config.hidden_size
     if vectors.shape[1] != C:
-        raise EmbeddingError(f"{path}: the embedding is {vectors.shape[1]} wide ({vectors.shape[0]} vectors); "
+        raise EmbeddingError(f"{where}: the embedding is {vectors.shape[1]} wide ({vectors.shape[0]} vectors); "
                              f"this text encoder is {C} wide (SD 1.x: 768, SD 2.x: 1024)")
     if tokenizer.vocab_size != text_encoder.config.vocab_size:
-        raise EmbeddingError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the text encoder "
+        raise EmbeddingError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the text encoder "
                              f"{text_encoder.config.vocab_size} rows; new ids would not line up")
     tokens = [word] + [f"{word}_{i}" for i in range(1, vectors.shape[0])]
     try:
         ids = tokenizer.add_tokens(tokens, group=True)  # checks every name before adding any
     except (TypeError, ValueError) as e:
-        raise EmbeddingError(f"{path}: {e} (pass name= to choose the prompt word)") from None
+        raise EmbeddingError(f"{where}: {e} (pass name= to choose the prompt word)") from None
     rows = text_encoder.add_embeddings(vectors)  # shape and dtype checked above: cannot fail
     assert rows == ids, (rows, ids)
     return Embedding(word, tuple(tokens), tuple(ids), vectors, path)

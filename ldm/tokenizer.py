@@ -53,6 +53,24 @@ words (not inside a run of letters or digits: a name "cat" leaves "concat" alone
 transformers would split it). `add_tokens(names, group=True)` makes the first name stand for all
 of them, so the prompt word of a multi-vector embedding becomes its n ids. ldm.prompt uses this.
 
+Long and hostile text. Work per prompt is bounded, and the ids equal the reference's for every
+prompt of practical length:
+
+- BPE merges with a heap (transformers' algorithm, `tokenizers` word.rs): n log n in a word's
+  length, not OpenAI's quadratic loop. Same merges in the same order: the lowest rank first,
+  the leftmost of equal ranks first.
+- The text is read in segments (`SEGMENT_CHARS`), each cut just before an ASCII whitespace
+  character. Nothing crosses such a cut: NFC never composes or reorders across a space, no word
+  or special holds one, and an added name with a space turns these cuts off. So `tok(prompt)`
+  reads only the segments that hold its first 75 ids (plus `COUNT_PAST_WINDOW` to count the
+  dropped ones), however long the prompt is.
+- A stretch of more than `MAX_RUN_CHARS` characters without ASCII whitespace is cut anyway;
+  that is the only place where ids can differ from the reference's, and it bounds the length
+  of a word. Such a stretch is at least 256 tokens (a BPE token spans at most 32 bytes, an
+  added name at most 256 characters) unless it is other whitespace, where a cut changes
+  nothing; so the 75-token window is long past, and `ldm.prompt` refuses prompts longer than
+  this before they get here.
+
 Reference: Radford et al. 2021 (CLIP); Sennrich et al. 2016 (BPE); Radford et al. 2019 (GPT-2,
 byte-level BPE). Parity with `transformers.CLIPTokenizer` is tested in tests/test_tokenizer.py.
 """
@@ -60,7 +78,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
+import itertools
 import re
+import reprlib
 import unicodedata
 import warnings
 from pathlib import Path
@@ -82,6 +103,17 @@ DEFAULT_VOCAB_PATH = Path(__file__).resolve().parent / "data" / "bpe_simple_voca
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 48894  # 49408 - 256 - 256 - 2: the merges CLIP keeps from the file
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")  # in the pattern's order
+
+# Bounds on the work one prompt can cause (see "Long and hostile text" in the module docstring).
+SEGMENT_CHARS = 4096  # text is read in segments of about this many characters, cut before whitespace
+MAX_RUN_CHARS = 65536  # a stretch without ASCII whitespace is cut after this many characters
+CACHE_WORD_CHARS = 256  # words up to this long are cached (transformers' BPE cache has the same bound)
+MAX_NAME_CHARS = 256  # an added token's name (file names are at most 255 bytes)
+COUNT_PAST_WINDOW = 1000  # the truncation warning counts this many dropped tokens, then says "more than"
+_SOFT_CUT = re.compile(r"[ \t\n\r\x0b\x0c]+")  # ASCII whitespace: NFC never joins characters across it
+_SPECIALS = re.compile(f"{re.escape(BOS)}|{re.escape(EOS)}")
+_short = reprlib.Repr()  # repr for error lines: long values cut, so a message stays one short line
+_short.maxstring = _short.maxother = 80
 
 
 class TruncationWarning(UserWarning):
@@ -210,7 +242,7 @@ class CLIPTokenizer:
     def __init__(self, path: str | Path | None = None, max_length: int = 77, pad_id: int | None = None):
         """pad_id: the id that fills the window after EOS; None = EOS (SD 1.x), 0 for SD 2.x."""
         if not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length={max_length!r} must be an int >= 2 (room for BOS and EOS)")
+            raise ValueError(f"max_length={_short.repr(max_length)} must be an int >= 2 (room for BOS and EOS)")
         self.path = Path(path) if path is not None else DEFAULT_VOCAB_PATH
         if not self.path.is_file():
             raise FileNotFoundError(f"path={str(self.path)!r}: no such BPE vocab file")
@@ -227,16 +259,17 @@ class CLIPTokenizer:
         self.vocab_size = len(tokens)
         if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)
                                    or not 0 <= pad_id < self.vocab_size):
-            raise ValueError(f"pad_id={pad_id!r} must be None (pad with EOS, SD 1.x) or an id in "
+            raise ValueError(f"pad_id={_short.repr(pad_id)} must be None (pad with EOS, SD 1.x) or an id in "
                              f"[0, {self.vocab_size}) (0 for SD 2.x)")
         self.pad_id = self.eos_id if pad_id is None else pad_id  # SD 1.x pads with EOS, SD 2.x with 0
         self.max_length = max_length  # T: BOS + (max_length - 2) BPE ids + EOS
-        self._bpe_cached = functools.lru_cache(maxsize=1 << 16)(self._bpe)
+        self._bpe_cached = functools.lru_cache(maxsize=1 << 14)(self._bpe)  # words <= CACHE_WORD_CHARS
         # added tokens (textual inversion): normalized word -> the ids it stands for
         self.base_vocab_size = self.vocab_size
         self.added_words: dict[str, tuple[int, ...]] = {}
         self._added_re: re.Pattern | None = None
         self._added_longest_first: list[str] = []
+        self._spaced_names = False  # an added name holds a space: text is not cut at whitespace
 
     def __repr__(self) -> str:
         pad = "" if self.pad_id == self.eos_id else f", pad_id={self.pad_id}"
@@ -248,33 +281,48 @@ class CLIPTokenizer:
     def _bpe(self, word: str) -> tuple[str, ...]:
         """Merge a word's byte symbols, lowest-ranked adjacent pair first, until none applies.
 
-        OpenAI's loop: simple, and quadratic in the word's length (a 5,000-letter run without
-        spaces takes seconds; prompt words take microseconds, and are cached).
+        OpenAI's loop merges every occurrence of the best pair, then looks for the next best:
+        quadratic in the word's length (a 20,000-letter word took 20 s). This is the heap of
+        transformers' `tokenizers` (word.rs `merge_all`): candidate pairs keyed (rank, position),
+        so the lowest rank merges first and, among equal ranks, the leftmost; an entry whose
+        symbols have changed since it was pushed is stale and skipped. Each merge pushes at
+        most two new pairs, so a word of n bytes costs O(n log n). OpenAI's order gives the same
+        pieces: each symbol of the file is made by exactly one merge, and every merge that uses
+        it comes later, so a merge never creates a pair of lower rank than its own.
         """
         # surrogatepass: a lone surrogate (not valid text, but a valid str) still gets bytes
-        symbols = [self.byte_encoder[b] for b in word.encode("utf-8", errors="surrogatepass")]
+        symbols: list[str | None] = [self.byte_encoder[b] for b in word.encode("utf-8", errors="surrogatepass")]
         symbols[-1] += "</w>"  # the last symbol carries the end-of-word mark
-        while len(symbols) > 1:
-            pairs = set(zip(symbols, symbols[1:]))
-            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
-            if best not in self.bpe_ranks:
-                break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence, left to right
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        return tuple(symbols)
+        n = len(symbols)
+        right = [*range(1, n), -1]  # a linked list over the live symbols: neighbour indices, -1 at the ends
+        left = list(range(-1, n - 1))
+        ranks = self.bpe_ranks
+        heap = [(r, i) for i in range(n - 1) if (r := ranks.get((symbols[i], symbols[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = right[i]
+            if symbols[i] is None or j < 0 or ranks.get((symbols[i], symbols[j])) != rank:
+                continue  # stale: one of the two was merged into something else meanwhile
+            symbols[i] += symbols[j]  # i absorbs its right neighbour j
+            symbols[j], k = None, right[j]
+            right[i] = k
+            if k >= 0:
+                left[k] = i
+            for a, b in ((left[i], i), (i, k)):  # the two pairs the new symbol is part of
+                if a >= 0 and b >= 0 and (r := ranks.get((symbols[a], symbols[b]))) is not None:
+                    heapq.heappush(heap, (r, a))
+        return tuple(s for s in symbols if s is not None)
+
+    def _bpe_word(self, word: str) -> tuple[str, ...]:
+        """BPE through the cache for ordinary words; a long one is computed, not kept in memory."""
+        return self._bpe_cached(word) if len(word) <= CACHE_WORD_CHARS else self._bpe(word)
 
     def bpe(self, word: str) -> list[str]:
         """The BPE pieces of one word (already normalized and split), e.g. 'astronaut'."""
         if not isinstance(word, str) or not word:
-            raise ValueError(f"word={word!r} must be a non-empty str")
-        return list(self._bpe_cached(word))
+            raise ValueError(f"word={_short.repr(word)} must be a non-empty str")
+        return list(self._bpe_word(word))
 
     # -- added tokens: new whole words with ids from base_vocab_size upward --
 
@@ -285,19 +333,25 @@ class CLIPTokenizer:
         word, before BPE. With group=True the first name stands for all of them in order
         (a 3-vector embedding "tok" is added as ["tok", "tok_1", "tok_2"], and "tok" in a prompt
         gives all 3 ids); each further name still matches alone. Nothing is added if any name
-        is refused (empty, repeated, already a vocabulary token or an added one).
+        is refused (empty, repeated, already a vocabulary token or an added one, longer than
+        MAX_NAME_CHARS, or holding control characters: a name is printed in logs and errors).
         """
         if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
-            raise TypeError(f"names={names!r} must be a non-empty list of str")
+            raise TypeError(f"names={_short.repr(names)} must be a non-empty list of str")
         words = []
         for name in names:
+            shown = _short.repr(name)
+            if isinstance(name, str) and (len(name) > MAX_NAME_CHARS or
+                                          any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name)):
+                raise ValueError(f"token name {shown} must be at most {MAX_NAME_CHARS} characters of "
+                                 "printable text (no control characters or lone surrogates)")
             word = normalize(name).strip(" ") if isinstance(name, str) else ""
             if not word or word != normalize(name) or BOS in word or EOS in word:
-                raise ValueError(f"token name {name!r} must be a non-empty str without leading or "
+                raise ValueError(f"token name {shown} must be a non-empty str without leading or "
                                  "trailing whitespace or special tokens")
             if word in self.vocab or word in self.added_words or word in words:
-                shown = "" if word == name else f" (as {word!r})"
-                raise ValueError(f"token name {name!r} is already a token{shown}; choose another name")
+                also = "" if word == name else f" (as {_short.repr(word)})"
+                raise ValueError(f"token name {shown} is already a token{also}; choose another name")
             words.append(word)
         ids = list(range(self.vocab_size, self.vocab_size + len(words)))
         for word, i in zip(words, ids):
@@ -308,6 +362,7 @@ class CLIPTokenizer:
         self.vocab_size += len(words)
         self._added_longest_first = sorted(self.added_words, key=len, reverse=True)
         self._added_re = re.compile("|".join(map(re.escape, self._added_longest_first)))
+        self._spaced_names = any(" " in w for w in self.added_words)
         return ids
 
     def _split_added(self, text: str) -> list[str | tuple[int, ...]]:
@@ -334,22 +389,55 @@ class CLIPTokenizer:
     def _pieces(self, text: str) -> list[str | int]:
         """BPE pieces, with added tokens as their ids (they have no BPE spelling)."""
         _check_text(text, "text")
-        pieces: list[str | int] = []
-        for chunk in re.split(f"({re.escape(BOS)}|{re.escape(EOS)})", text):
-            if chunk in (BOS, EOS):  # exact-case specials, cut out before normalization
-                pieces.append(chunk)
-                continue
-            for part in self._split_added(normalize(chunk)):
+        return list(self._iter_pieces(text))
+
+    def _iter_pieces(self, text: str):
+        """The pieces of `text`, lazily: a caller that stops early leaves the rest unread."""
+        start = 0
+        for m in _SPECIALS.finditer(text):  # exact-case specials, cut out before normalization
+            yield from self._text_pieces(text, start, m.start())
+            yield m.group(0)
+            start = m.end()
+        yield from self._text_pieces(text, start, len(text))
+
+    def _text_pieces(self, text: str, a: int, b: int):
+        """The pieces of text[a:b] (no specials in it), one segment at a time."""
+        for segment in self._segments(text, a, b):
+            for part in self._split_added(normalize(segment)):
                 if isinstance(part, tuple):  # an added word: its ids, no BPE
-                    pieces += part
+                    yield from part
                     continue
                 for word in split_words(part):
-                    pieces += self._bpe_cached(word)
-        return pieces
+                    yield from self._bpe_word(word)
+
+    def _segments(self, text: str, a: int, b: int):
+        """Cut text[a:b] into segments that tokenize as the whole does (module docstring, "Long
+        and hostile text"): just before ASCII whitespace once a segment holds SEGMENT_CHARS
+        characters, and after every MAX_RUN_CHARS characters of a longer run without it."""
+        start = run = a  # the segment being gathered; the run without whitespace being read
+        for m in itertools.chain(_SOFT_CUT.finditer(text, a, b), [None]):
+            run_end = b if m is None else m.start()
+            while run_end - run > MAX_RUN_CHARS:  # too long to read whole: the one lossy cut
+                run += MAX_RUN_CHARS
+                yield text[start:run]
+                start = run
+            if m is None:
+                break
+            if m.start() - start >= SEGMENT_CHARS and not self._spaced_names:
+                yield text[start:m.start()]
+                start = m.start()
+            run = m.end()
+        if start < b:
+            yield text[start:b]
 
     def encode(self, text: str) -> list[int]:
         """Text -> BPE ids, without BOS/EOS and untruncated."""
         return [p if isinstance(p, int) else self.vocab[p] for p in self._pieces(text)]
+
+    def _iter_ids(self, text: str):
+        """`encode` as a generator: the caller takes as many ids as it needs, and no more is read."""
+        _check_text(text, "text")
+        return (p if isinstance(p, int) else self.vocab[p] for p in self._iter_pieces(text))
 
     def decode(self, ids) -> str | list[str]:
         """Ids -> text: specials and padding dropped, one space after each word.
@@ -365,7 +453,7 @@ class CLIPTokenizer:
                 raise ValueError(f"ids has shape {tuple(ids.shape)}; expected (T,) or (B, T)")
             ids = ids.tolist()
         if not isinstance(ids, (list, tuple)):
-            raise TypeError(f"ids={ids!r} must be a list of ints or a 1-D/2-D tensor")
+            raise TypeError(f"ids={_short.repr(ids)} must be a list of ints or a 1-D/2-D tensor")
         if ids and all(isinstance(row, (list, tuple)) for row in ids):
             return [self.decode(row) for row in ids]
         if self.pad_id != self.eos_id and self.eos_id in ids:   # drop the padding after the last EOS
@@ -375,7 +463,7 @@ class CLIPTokenizer:
         out = bytearray()
         for i in ids:
             if not isinstance(i, int) or not 0 <= i < self.vocab_size:
-                raise ValueError(f"ids contains {i!r}; allowed: ints in [0, {self.vocab_size})")
+                raise ValueError(f"ids contains {_short.repr(i)}; allowed: ints in [0, {self.vocab_size})")
             if i in (self.bos_id, self.eos_id):
                 continue
             token = self.id_to_token[i]
@@ -399,24 +487,27 @@ class CLIPTokenizer:
         """Prompts -> LongTensor (B, max_length): BOS, ids, EOS, padding (EOS, or pad_id).
 
         A prompt longer than max_length - 2 = 75 BPE tokens keeps its first 75 and ends with
-        EOS; a `TruncationWarning` says how many tokens were dropped and what text they held.
-        A single string is a batch of one.
+        EOS; a `TruncationWarning` says how many tokens were dropped (up to COUNT_PAST_WINDOW,
+        then "more than") and what text they held. Only as much of a prompt is read as these
+        need. A single string is a batch of one.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise TypeError(f"prompts={prompts!r} must be a str or a non-empty list of str")
+            raise TypeError(f"prompts={_short.repr(prompts)} must be a str or a non-empty list of str")
         for b, p in enumerate(prompts):
             _check_text(p, f"prompts[{b}]")
         keep = self.max_length - 2
         out = torch.full((len(prompts), self.max_length), self.pad_id, dtype=torch.long)  # (B, T)
         for b, p in enumerate(prompts):
-            ids = self.encode(p)
+            counted = keep + COUNT_PAST_WINDOW  # read one id more, to know whether there are more
+            ids = list(itertools.islice(self._iter_ids(p), counted + 1))
             if len(ids) > keep:
-                dropped = ids[keep:]
-                warnings.warn(
-                    f"prompts[{b}] has {len(ids)} BPE tokens; CLIP reads {keep}, so {len(dropped)} "
-                    f"were dropped: {self.decode(dropped)!r}", TruncationWarning, stacklevel=2)
+                dropped = ids[keep:counted]
+                total, lost = ((f"more than {counted}", f"more than {len(dropped)}") if len(ids) > counted
+                               else (len(ids), len(dropped)))
+                warnings.warn(f"prompts[{b}] has {total} BPE tokens; CLIP reads {keep}, so {lost} were "
+                              f"dropped: {_short.repr(self.decode(dropped))}", TruncationWarning, stacklevel=2)
                 ids = ids[:keep]
             out[b, : len(ids) + 2] = torch.tensor([self.bos_id, *ids, self.eos_id])
         return out
@@ -432,4 +523,4 @@ def _whole_word(text: str, a: int, b: int) -> bool:
 
 def _check_text(text, name: str) -> None:
     if not isinstance(text, str):
-        raise TypeError(f"{name}={text!r} must be a str (got {type(text).__name__})")
+        raise TypeError(f"{name}={_short.repr(text)} must be a str (got {type(text).__name__})")
