@@ -372,3 +372,15 @@ def test_write_single_file_metadata(tmp_path):
             weights.write_single_file(tmp_path / "n.safetensors", te, unet, vae, metadata=bad)
     with pytest.raises(ValueError, match="needs a .safetensors path"):
         weights.write_single_file(tmp_path / "n.ckpt", te, unet, vae, metadata={"a": "b"})
+
+
+def test_a_file_name_with_newlines_and_escapes_stays_one_printable_line(tmp_path):
+    """A path is text the user did not write (a download, an archive): its control characters are
+    shown as escapes, so the error stays one line and cannot drive the terminal."""
+    path = tmp_path / "evil\n\x1b[2Jname.safetensors"
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.read(path)
+    message = str(err.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert "evil\\n\\x1b[2Jname.safetensors" in message

@@ -3,11 +3,21 @@ from __future__ import annotations
 
 from ldm import families
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "one_line", "unsupported", "supported_text"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "one_line", "printable", "unsupported", "supported_text"]
+
+
+def printable(text: str) -> str:
+    """text with control characters written as escapes (a newline as \\n, ESC as \\x1b): a path or
+    key name from a hostile file cannot break an error into lines or drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class CheckpointError(ValueError):
-    """A file that is not a readable checkpoint of a supported family, or a state dict that does not fit a module."""
+    """A file that is not a readable checkpoint of a supported family, or a state dict that does not fit a module.
+    Its message is one printable line whatever the file's name or keys hold."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(printable(str(message)))
 
 
 class UnsafeCheckpointError(CheckpointError):
