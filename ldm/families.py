@@ -20,7 +20,9 @@ Who reads the records:
 
 A file's own facts override the record where it has them: the configs in a safetensors file's
 "ldm.configs" metadata (ldm's shipped shapes model and the random tiny checkpoints: SD 1.x's layout
-at other widths, with the scaling factor training measured), and the prediction type, timestep
+at other widths, with the scaling factor training measured), else the configs its tensor shapes
+say (widths, levels, blocks, depths; ldm/checkpoint/configs.py), with the record's values only
+where shapes cannot tell (heads, sample size, scaling factor); and the prediction type, timestep
 spacing and steps offset of a diffusers folder's scheduler/scheduler_config.json.
 
 What changes between the families (SD 2.x: Stability's v2-inference(-v).yaml; DESIGN.md section 5):

@@ -6,31 +6,31 @@
     ldm.weights.random_checkpoint("weights/random-tiny.safetensors", size="tiny")
     ldm.weights.random_init_(module, seed)                     # fast seeded random weights
 
-`build` takes each network's class and config from the checkpoint's family record
-(ldm.families: SD 1.x, or SD 1.5 inpainting's 9-channel UNet), unless the file's metadata names
-other configs (ldm's shipped model and our random tiny checkpoints do: SD 1.x's layout at other
-widths), constructs the module on the "meta" device (no time spent drawing random weights that
-are about to be replaced) and loads the stage's state dict with `strict=True` through
-`ldm.checkpoint.load_stage`, which names missing and unexpected keys if the file does not fit.
+`build` takes each network's class from the checkpoint's family record (ldm.families) and its
+config from `configs_for` (ldm/checkpoint/configs.py: the file's ldm.configs metadata, which ldm's
+shipped model and our random tiny checkpoints carry, else read from the tensors' shapes, the
+family's record filling what shapes cannot tell), constructs the module on the "meta" device (no
+time spent drawing random weights that are about to be replaced) and loads the stage's state dict
+with `strict=True` through `ldm.checkpoint.load_stage`, which names missing and unexpected keys if
+the file does not fit.
 
-Writing is the reader's inverse and sits beside it, in ldm/checkpoint/write.py; the names are
-re-exported here, where the random checkpoints use them.
+Reading and writing checkpoints, and their configs, live in ldm/checkpoint/; the names used here
+(configs_for, CONFIG_METADATA_KEY, write_single_file, ...) are re-exported, where the random
+checkpoints, the tests and the notebooks use them.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ldm import checkpoint, families
-from ldm.checkpoint.write import (CONFIG_METADATA_KEY, RANDOM_METADATA_KEY, single_file_state_dict,  # noqa: F401
-                                  write_single_file)
+from ldm.checkpoint.configs import CONFIG_METADATA_KEY, MAX_CONFIG_INT, MAX_CONFIG_LEN, configs_for  # noqa: F401
+from ldm.checkpoint.write import RANDOM_METADATA_KEY, single_file_state_dict, write_single_file  # noqa: F401
 from ldm.clip import CLIPTextConfig
 from ldm.openclip import OpenCLIPTextConfig, OpenCLIPTextModel
 from ldm.unet import UNetConfig
@@ -83,123 +83,9 @@ def default_checkpoint(folder: str | Path = "weights") -> tuple[Path, str]:
                      f"or {folder}/; it paints flat shapes in six colours, trained by `ldm train`)")
 
 
-# Bounds on the configs a file's metadata may name (SD 1.x's largest number is the 49,408-row
-# vocabulary); block counts are checked against the tensors before anything is built.
-MAX_CONFIG_INT, MAX_CONFIG_LEN = 2**20, 16
-
-
-def _config_from_dict(cls, d, where: str):
-    """One stage's config from the metadata JSON: known fields, ints in 1..MAX_CONFIG_INT, floats
-    finite and > 0, tuples of at most MAX_CONFIG_LEN such ints, booleans, optional ints (default
-    None) as null or such an int; then the config's own checks."""
-    bad = lambda msg: checkpoint.CheckpointError(f"{where}: {msg}")
-    if not isinstance(d, dict):
-        raise bad(f"a {type(d).__name__}, not a JSON object of {cls.__name__} fields")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise bad(f"unknown {cls.__name__} fields {sorted(unknown)[:10]}; allowed: {sorted(fields)}")
-    values = {}
-    for k, v in d.items():
-        default = fields[k].default
-        ok_int = lambda x: type(x) is int and 1 <= x <= MAX_CONFIG_INT
-        if isinstance(default, tuple):
-            ok, allowed = isinstance(v, list) and len(v) <= MAX_CONFIG_LEN and all(map(ok_int, v)), \
-                f"a list of at most {MAX_CONFIG_LEN} integers from 1 to {MAX_CONFIG_INT}"
-            v = tuple(v) if ok else v
-        elif isinstance(default, float):
-            ok, allowed = type(v) in (int, float) and 0 < v < math.inf, "a finite number > 0"
-            v = float(v) if ok else v
-        elif isinstance(default, bool):  # a switch (UNetConfig.use_linear_in_transformer)
-            ok, allowed = type(v) is bool, "true or false"
-        elif default is None:  # an optional integer (UNetConfig.num_head_channels)
-            ok, allowed = v is None or ok_int(v), f"null or an integer from 1 to {MAX_CONFIG_INT}"
-        else:
-            ok, allowed = ok_int(v), f"an integer from 1 to {MAX_CONFIG_INT}"
-        if not ok:
-            raise bad(f"{cls.__name__}.{k}={str(v)[:60]}; allowed: {allowed}")
-        values[k] = v
-    try:
-        return cls(**values)
-    except (ValueError, TypeError, ArithmeticError) as e:
-        raise bad(f"{type(e).__name__}: {e}") from None
-
-
-def _count(sd: dict, prefix: str) -> int:
-    """How many numbered children `prefix<i>.` the keys name (input_blocks.0., input_blocks.1., ...)."""
-    return len({k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)})
-
-
-def _shape(sd: dict, key: str, dim: int):
-    t = sd.get(key)
-    return t.shape[dim] if t is not None and t.ndim > dim else None
-
-
-def _check_against_tensors(where: str, configs: dict, ck) -> None:
-    """The block counts and first widths a config names must be the tensors' (a config that
-    asks for 10**6 layers would otherwise take hours to build before load_stage says no)."""
-    te, unet, vae = configs["text_encoder"], configs["unet"], configs["vae"]
-    L, n = len(unet.channel_mult), unet.num_res_blocks
-    depths = {int(m.group(1)) for k in ck.unet for m in [re.search(r"\.transformer_blocks\.(\d+)\.", k)] if m}
-    if isinstance(te, CLIPTextConfig):  # each text tower under its own names
-        checks = [
-            ("text_encoder", "num_hidden_layers", te.num_hidden_layers, _count(ck.text_encoder, "text_model.encoder.layers.")),
-            ("text_encoder", "hidden_size", te.hidden_size, _shape(ck.text_encoder, "text_model.embeddings.token_embedding.weight", 1)),
-            ("text_encoder", "vocab_size", te.vocab_size, _shape(ck.text_encoder, "text_model.embeddings.token_embedding.weight", 0)),
-            ("text_encoder", "max_position_embeddings", te.max_position_embeddings,
-             _shape(ck.text_encoder, "text_model.embeddings.position_embedding.weight", 0))]
-    else:  # OpenCLIP (SD 2.x)
-        checks = [
-            ("text_encoder", "layers", te.layers, _count(ck.text_encoder, "transformer.resblocks.")),
-            ("text_encoder", "width", te.width, _shape(ck.text_encoder, "token_embedding.weight", 1)),
-            ("text_encoder", "vocab_size", te.vocab_size, _shape(ck.text_encoder, "token_embedding.weight", 0)),
-            ("text_encoder", "context_length", te.context_length, _shape(ck.text_encoder, "positional_embedding", 0))]
-    checks += [
-        ("unet", "channel_mult and num_res_blocks (input blocks)", 1 + L * n + L - 1, _count(ck.unet, "input_blocks.")),
-        ("unet", "channel_mult and num_res_blocks (output blocks)", L * (n + 1), _count(ck.unet, "output_blocks.")),
-        ("unet", "model_channels", unet.model_channels, _shape(ck.unet, "input_blocks.0.0.weight", 0)),
-        ("unet", "in_channels", unet.in_channels, _shape(ck.unet, "input_blocks.0.0.weight", 1)),
-        ("vae", "ch_mult (levels)", len(vae.ch_mult), _count(ck.vae, "encoder.down.")),
-        ("vae", "num_res_blocks", vae.num_res_blocks, _count(ck.vae, "encoder.down.0.block.")),
-        ("vae", "ch", vae.ch, _shape(ck.vae, "encoder.conv_in.weight", 0)),
-    ]
-    if depths and unet.attention_resolutions:
-        checks.append(("unet", "transformer_depth", unet.transformer_depth, max(depths) + 1))
-    for stage, name, said, found in checks:
-        if said != found:
-            raise checkpoint.CheckpointError(f"{where}: {stage} {name} gives {said}, but the file's tensors "
-                                             f"have {found}")
-
-
-def configs_for(ck) -> dict:
-    """The config of each stage: from the file's metadata if it has ours (validated, bounded and
-    checked against the tensors), else its family record's (ldm.families)."""
-    family = families.get(ck.family)
-    if not family.supported:
-        raise checkpoint.CheckpointError(f"{getattr(ck, 'path', None) or 'checkpoint'}: the {family.name} family "
-                                         f"({family.title}) has no stages in ldm yet")
-    stored = (getattr(ck, "metadata", None) or {}).get(CONFIG_METADATA_KEY)
-    if not stored:
-        return dict(family.configs)
-    classes = {stage: type(config) for stage, config in family.configs.items()}  # the family's config types
-    where = f"{getattr(ck, 'path', None) or 'checkpoint'}: {CONFIG_METADATA_KEY} metadata"
-    try:
-        parsed = json.loads(stored)
-    except (ValueError, RecursionError) as e:
-        raise checkpoint.CheckpointError(f"{where} is not valid JSON ({type(e).__name__}: "
-                                         f"{' '.join(str(e).split())[:120]})") from None
-    if not (isinstance(parsed, dict) and set(parsed) == set(classes)):
-        shown = sorted(map(str, parsed))[:10] if isinstance(parsed, dict) else type(parsed).__name__
-        raise checkpoint.CheckpointError(f"{where} holds {shown}; allowed: an object with exactly the stages "
-                                         f"{sorted(classes)}")
-    configs = {stage: _config_from_dict(classes[stage], d, f"{where}, {stage}") for stage, d in parsed.items()}
-    _check_against_tensors(where, configs, ck)
-    return configs
-
-
 def build(ck, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(text_encoder, unet, vae) in eval mode with the checkpoint's weights, strictly loaded."""
-    configs = configs_for(ck)
+    configs = configs_for(ck)  # this module's name, so a test may stand in for it (monkeypatch)
     classes = families.get(ck.family).models  # stage -> nn.Module class
     models = []
     where = getattr(ck, "path", None) or "checkpoint"

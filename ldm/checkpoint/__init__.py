@@ -16,6 +16,8 @@ One job per file:
     diffusers_layout.py  the one key map between the diffusers layout and ours (key_map, format_key_map)
     detect.py            which family a file is (the rule is in its docstring), and the split into stages
     prediction.py        what the UNet predicts where the family leaves it open (SD 2.x: epsilon or v; the rule)
+    configs.py           the shapes to build each stage at: the file's ldm.configs metadata, else read from
+                         its tensors (configs_for); and the metadata's JSON, which write.py stores
     write.py             the inverse: our networks as a single file (write_single_file)
     __init__.py          this: Checkpoint, read, from_state_dict, load_stage
 
@@ -33,18 +35,18 @@ from torch import Tensor
 
 from ldm import families
 from ldm.checkpoint import detect, prediction
+from ldm.checkpoint.configs import CONFIG_METADATA_KEY, configs_for
 from ldm.checkpoint.diffusers_layout import (DIFFUSERS_TO_COMPVIS, INNER_RENAMES, KeyMapConfig, diffusers_to_compvis,
                                              format_key_map, key_map)
 from ldm.checkpoint.errors import CheckpointError, UnsafeCheckpointError, one_line
 from ldm.checkpoint.files import read_diffusers_folder, read_file, read_scheduler_config, safetensors_metadata
-from ldm.checkpoint.write import (CONFIG_METADATA_KEY, RANDOM_METADATA_KEY, single_file_state_dict,
-                                  write_single_file)
+from ldm.checkpoint.write import RANDOM_METADATA_KEY, single_file_state_dict, write_single_file
 from ldm.families import Family
 
 __all__ = ["Checkpoint", "read", "from_state_dict", "load_stage", "CheckpointError", "UnsafeCheckpointError",
            "STAGES", "KeyMapConfig", "key_map", "DIFFUSERS_TO_COMPVIS", "INNER_RENAMES", "format_key_map",
            "diffusers_to_compvis", "safetensors_metadata", "write_single_file", "single_file_state_dict",
-           "CONFIG_METADATA_KEY", "RANDOM_METADATA_KEY"]
+           "CONFIG_METADATA_KEY", "RANDOM_METADATA_KEY", "configs_for"]
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +156,9 @@ def from_state_dict(state_dict: dict, *, path: str | Path | None = None, format:
 
 
 def _probe(where, ck: Checkpoint) -> tuple[str, str]:
-    """The last step of the prediction rule: run the UNet once (prediction.probe_state_dict)."""
-    from ldm import weights  # ldm.weights reads checkpoints; the configs live there
-
-    config = weights.configs_for(ck)["unet"]
+    """The last step of the prediction rule: run the UNet once (prediction.probe_state_dict), built at
+    the file's UNet config (its metadata's, else read from its tensors)."""
+    config = configs_for(ck)["unet"]
     return prediction.probe_state_dict(where, ck.unet, ck.record.models["unet"], config)
 
 

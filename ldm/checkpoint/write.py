@@ -8,15 +8,13 @@ prefixes: `model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.tran
 and adds the schedule buffers those files carry at the top level, so diffusers' own single-file
 converter reads what we write (tests/test_roundtrip.py). Networks whose shapes are not the family's
 (the shipped shapes model, the random tiny checkpoints) carry their configs in the safetensors
-metadata under CONFIG_METADATA_KEY; ldm.weights.configs_for reads them back. A .safetensors file
-also gets Stability's model-spec keys (modelspec.architecture, modelspec.prediction_type): for SD 2.x
-they are the only thing in the file that says 512-base (epsilon) or 768-v (v), and
-ldm/checkpoint/prediction.py reads them first.
+metadata under CONFIG_METADATA_KEY; ldm/checkpoint/configs.py writes that JSON (configs_metadata)
+and reads it back (configs_for). A .safetensors file also gets Stability's model-spec keys
+(modelspec.architecture, modelspec.prediction_type): for SD 2.x they are the only thing in the file
+that says 512-base (epsilon) or 768-v (v), and ldm/checkpoint/prediction.py reads them first.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -26,15 +24,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ldm import families
+from ldm.checkpoint.configs import CONFIG_METADATA_KEY, configs_metadata
 from ldm.checkpoint.prediction import MODELSPEC_NAME
 from ldm.families import Family
 
 __all__ = ["CONFIG_METADATA_KEY", "RANDOM_METADATA_KEY", "single_file_state_dict", "write_single_file",
            "modelspec_metadata", "write_new"]
 
-# Safetensors metadata entry holding {"text_encoder": {...}, "unet": {...}, "vae": {...}} when a
-# file's networks are not its family's shapes (e.g. the tiny random checkpoints, the shipped model).
-CONFIG_METADATA_KEY = "ldm.configs"
 # Safetensors metadata entry marking a checkpoint of random weights (ldm.weights.random_checkpoint writes it).
 RANDOM_METADATA_KEY = "ldm.random_weights"
 
@@ -136,7 +132,6 @@ def write_single_file(path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Mo
         if random_weights:
             meta[RANDOM_METADATA_KEY] = "true"
         if configs is not None:
-            meta[CONFIG_METADATA_KEY] = json.dumps(
-                {stage: dataclasses.asdict(cfg) for stage, cfg in configs.items()})
+            meta[CONFIG_METADATA_KEY] = configs_metadata(configs)
         return write_new(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
     return write_new(path, lambda tmp: torch.save({"state_dict": sd}, tmp))
