@@ -39,7 +39,8 @@ The recipe, top to bottom:
 5. The file: kohya's layout (lora_unet_<module path, . -> _>.lora_down.weight / .lora_up.weight /
    .alpha, lora_te_... for the text encoder), names checked against `ldm.lora.module_table`, so
    `ldm.lora.read` + `ldm.lora.apply` (and `ldm generate --lora`) load it back unchanged. An
-   existing file is never overwritten.
+   existing file is never overwritten, a failed write leaves nothing behind, and two fine-tunes to
+   one --out cannot both run (the second refuses before any work).
 
 benchmarks/bench_finetune.py measures the result with the judge (ldm.judge, told about the new
 colour): how often "an orange circle" comes out orange and round, with and without the LoRA, and
@@ -53,6 +54,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ldm import lora, shapes, train
+from ldm.checkpoint.write import write_new
+from ldm.train import ints, reals
 
 __all__ = ["FinetuneConfig", "UNET_TARGETS", "UNET_CONV_TARGETS", "TEXT_TARGETS", "new_scenes", "article",
            "shape_cells", "invert", "init_lora", "lora_state_dict", "eps_loss", "finetune", "main"]
@@ -76,6 +80,18 @@ UNET_TARGETS = r"(proj_in|proj_out|attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj
 UNET_CONV_TARGETS = r"(in_layers\.2|out_layers\.3|skip_connection)$"  # ResBlock convs (LoCon); --convs
 TEXT_TARGETS = r"(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$"
 STAGE_OF_PREFIX = {stage: prefix for prefix, stage in lora.KOHYA_PREFIXES.items()}  # unet -> "lora_unet_"
+
+# The allowed values of the numeric options (prior and caption_dropout are checked on their own). Wide
+# enough for any fine-tune of the shapes world, narrow enough that a typo (--batch 100000000, --lr inf,
+# --alpha nan) is refused before any work instead of exhausting memory or writing a LoRA of NaNs.
+RANGES = {
+    "images": ints(1, 1024), "steps": ints(1, 10**6), "batch": ints(1, 1024), "rank": ints(1, 256),
+    "alpha": reals(0, 1e4), "lr": reals(0, 1, open_lo=True), "warmup": ints(0, 10**6),
+    "min_lr_frac": reals(0, 1), "grad_clip": reals(0, 1e6, open_lo=True), "invert_steps": ints(0, 10**5),
+    "invert_lr": reals(0, 10, open_lo=True), "pool_size": ints(1, 65536), "seed": train.SEED,
+    "threads": train.THREADS, "log_every": ints(1, 10**6),
+}
+MAX_COLOR_CHARS = 32
 
 
 @dataclass
@@ -109,25 +125,19 @@ class FinetuneConfig:
     log_every: int = 25
 
     def __post_init__(self):
-        if not self.out.endswith(".safetensors"):
-            raise ValueError(f"--out {self.out!r}: expected a path ending in .safetensors")
-        for name in ("images", "steps", "batch", "rank", "pool_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be >= 1")
-        for name in ("warmup", "invert_steps", "threads", "alpha"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be >= 0")
-        for name in ("lr", "invert_lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be > 0")
+        if not (isinstance(self.out, str) and self.out.endswith(".safetensors") and "\0" not in self.out):
+            raise ValueError(f"--out {train.short(self.out)}: expected a path ending in .safetensors")
+        for name, allowed in RANGES.items():
+            allowed.check(f"--{name.replace('_', '-')} ", getattr(self, name))
+        train.check_device("--device ", self.device, auto=False, available=False)
         if not 0.0 <= self.prior < 1.0:
             raise ValueError(f"--prior {self.prior!r} must be in [0, 1): some of each batch must be the new colour")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"--caption-dropout {self.caption_dropout!r} must be in [0, 1]")
         taken = {*shapes.COLORS, *shapes.BACKGROUNDS, *shapes.SHAPES, *shapes.SIZES, "shape"}
-        if not re.fullmatch(r"[a-z]+", self.color) or self.color in taken:
-            raise ValueError(f"--color {self.color!r}: expected a new lowercase word, not one of the world's "
-                             f"{sorted(taken)}")
+        if not re.fullmatch(rf"[a-z]{{1,{MAX_COLOR_CHARS}}}", self.color) or self.color in taken:
+            raise ValueError(f"--color {train.short(self.color)}: expected a new lowercase word of at most "
+                             f"{MAX_COLOR_CHARS} letters, not one of the world's {sorted(taken)}")
         if len(self.rgb) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in self.rgb):
             raise ValueError(f"--color {self.color}={self.rgb!r}: expected three integers in 0-255")
 
@@ -253,14 +263,21 @@ def lora_state_dict(lo: lora.LoRA) -> dict[str, torch.Tensor]:
 
 
 def write(path: Path, lo: lora.LoRA, cfg: FinetuneConfig, result: dict) -> None:
-    """The kohya file, created exclusively (open 'xb'): a file that appeared meanwhile is not overwritten."""
+    """The kohya file, through ldm.checkpoint.write.write_new: written to a temporary file beside it,
+    then linked into place, so a file that appeared meanwhile is not overwritten and a failed write
+    (a full disk) leaves nothing at `path` that a later run would refuse as "already exists"."""
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
                 "ss_network_alpha": str(cfg.alpha or cfg.rank),
                 "ldm.finetune": json.dumps({"config": dataclasses.asdict(cfg), **result})}
     data = safetensors_bytes(lora_state_dict(lo), metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "xb") as f:
-        f.write(data)
+    try:
+        write_new(path, lambda tmp: tmp.write_bytes(data))
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise train.OutputError(f"--out {path}: writing the LoRA failed ({e.strerror or train.short(str(e))}); "
+                                f"nothing was left there; allowed: a folder with room for "
+                                f"{len(data) / 2**20:.1f} MiB") from None
 
 
 # --- 4. the loss and the loop -------------------------------------------------------------------------------
@@ -283,21 +300,38 @@ def held_loss(denoiser, tokenizer, x0: torch.Tensor, texts: list[str], alpha_bar
 
 
 def check_output(cfg: FinetuneConfig) -> None:
+    """Refuse before any work an --out that exists (never overwritten) or a --checkpoint that does not."""
     if Path(cfg.out).exists():
         raise FileExistsError(f"{cfg.out} already exists; not overwritten (delete it or pick another --out)")
     if cfg.checkpoint and not Path(cfg.checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file or folder")
 
 
+def lock_path(out: str | Path) -> Path:
+    """The lock file a fine-tune holds beside its --out while it runs (train.output_lock)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.lock")
+
+
 def finetune(cfg: FinetuneConfig, pipe=None) -> dict:
     """Train the LoRA and write cfg.out; returns what it measured (losses, colours, minutes).
 
     pipe: an ldm Pipeline in float32 to adapt (default: cfg.checkpoint loaded on cfg.device); its
-    networks come back unchanged (the LoRA's hooks are removed at the end)."""
+    networks come back unchanged (the LoRA's hooks are removed at the end).
+
+    Before any work it takes --out's lock (creating its folder: one that cannot be written is refused
+    now, not after training), so a second fine-tune to the same --out refuses (train.OutputError)."""
+    check_output(cfg)
+    with train.output_lock(lock_path(cfg.out), f"--out {cfg.out}"):
+        check_output(cfg)  # again under the lock: another fine-tune may have just written it
+        return _finetune(cfg, pipe)
+
+
+def _finetune(cfg: FinetuneConfig, pipe=None) -> dict:
+    """finetune's work, under --out's lock."""
     from ldm.pipeline import load
     from ldm.weights import SHIPPED
 
-    check_output(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0, cpu0 = time.time(), time.process_time()
@@ -427,16 +461,20 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
 
 
 def main(argv: list[str] | None = None, pipe=None) -> dict:
-    """`python -m ldm.finetune ARGS`: a bad option or an existing output is a one-line SystemExit.
-    pipe: a Pipeline to adapt instead of loading --checkpoint (see finetune)."""
+    """`python -m ldm.finetune ARGS`: a bad option, an existing or busy output, or a failed write is a
+    one-line SystemExit. pipe: a Pipeline to adapt instead of loading --checkpoint (see finetune)."""
     try:
         cfg = parse_args(argv)
+        train.check_device("--device ", cfg.device, auto=False)  # CUDA asked for on a machine without it
         check_output(cfg)  # before any work: loading the model takes seconds
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"ldm finetune: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # no-op if logging is set up
-    return finetune(cfg, pipe)
+    try:
+        return finetune(cfg, pipe)
+    except (train.OutputError, FileExistsError) as e:
+        raise SystemExit(f"ldm finetune: {e}") from None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(train.command(main, "ldm finetune"))

@@ -27,8 +27,11 @@ is what gets exported.
 
 Every random draw comes from a generator seeded by (seed, stage, step, rank), so a run is
 reproducible and `--resume` continues exactly where the checkpoint stopped. Files in --out:
-vae.pt and latent.pt (checkpoints), samples/*.png (grids), and the final ldm-shapes.safetensors
-(SD 1.x single-file layout, fp16, configs and scaling factor in the metadata), never overwritten.
+vae.pt and latent.pt (checkpoints, read back by ldm.unpickle's restricted reader, never by
+torch.load: a file planted there cannot run code), samples/*.png (grids), and the final
+ldm-shapes.safetensors (SD 1.x single-file layout, fp16, configs and scaling factor in the metadata),
+never overwritten; while a run writes there it holds .ldm-train.lock, and a second run on the same
+--out refuses. Every numeric field has a documented range (RANGES, TUPLES), checked before any work.
 """
 from __future__ import annotations
 
@@ -39,8 +42,10 @@ import json
 import logging
 import math
 import os
+import re
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,28 +55,136 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ldm import shapes, weights
+from ldm import shapes, unpickle, weights
 from ldm.clip import CLIPTextConfig, CLIPTextModel
 from ldm.schedule import Schedule
 from ldm.tokenizer import CLIPTokenizer
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 
-__all__ = ["TrainConfig", "main", "train_vae", "train_latent", "export", "psnr", "STAGES", "MODEL_FILE"]
+__all__ = ["TrainConfig", "RANGES", "TUPLES", "main", "train_vae", "train_latent", "export", "psnr", "STAGES",
+           "MODEL_FILE", "load_checkpoint", "output_lock", "CheckpointFileError", "OutputError"]
 
 log = logging.getLogger(__name__)
 
 STAGES = ("vae", "unet", "all")
 MODEL_FILE = "ldm-shapes.safetensors"
 VAE_CKPT, LATENT_CKPT = "vae.pt", "latent.pt"
+LOCK_FILE = ".ldm-train.lock"  # held while a run writes to --out (output_lock)
 
 
 # --- the configuration -----------------------------------------------------------------------
 
 
+def short(value, limit: int = 60) -> str:
+    """repr(value), cut to about `limit` characters: a hostile value never floods an error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric option: lo..hi, either end open, integers or real numbers.
+    NaN lies in no range and infinity beyond every one, so both are refused with the rest."""
+
+    lo: float
+    hi: float
+    integer: bool = True
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        above = value > self.lo if self.open_lo else value >= self.lo
+        below = value < self.hi if self.open_hi else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:  # ">= 1 and <= 1024", "> 0 and <= 1"
+        lo, hi = (self.lo, self.hi) if self.integer else (f"{self.lo:g}", f"{self.hi:g}")
+        return f"{'>' if self.open_lo else '>='} {lo} and {'<' if self.open_hi else '<='} {hi}"
+
+    def kind(self) -> str:
+        return f"{'an integer' if self.integer else 'a number'} {self}"
+
+    def check(self, label: str, value) -> None:
+        """Raise ValueError '<label><value> must be ...' unless value is in the range."""
+        if value not in self:
+            wrong_type = isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float))
+            raise ValueError(f"{label}{short(value)} must be {self.kind() if wrong_type else self}")
+
+
+def ints(lo: int, hi: int) -> Range:
+    return Range(lo, hi)
+
+
+def reals(lo: float, hi: float, open_lo: bool = False, open_hi: bool = False) -> Range:
+    return Range(lo, hi, integer=False, open_lo=open_lo, open_hi=open_hi)
+
+
+MAX_STEPS = 10**7  # days of training at the recipe's speed; more is a typo, not a run
+SEED = ints(0, 2**32 - 1)
+THREADS = ints(0, 256)
+DEVICE = re.compile(r"cpu|cuda(:[0-9]{1,2})?")  # and "auto" where a field allows it
+
+# The allowed values of every numeric TrainConfig field. Wide enough for any run of this recipe on one
+# machine (SD 1.x's own sizes fit: VAE ch 128, CLIP width 768, UNet 320 channels), narrow enough that a
+# typo (vae_batch=100000000, threads=10**11, vae_lr=1e309) is refused before any work instead of
+# exhausting memory, hanging, or being noticed after a stage ran. `ldm train --help` prints them.
+RANGES: dict[str, Range] = {
+    "seed": SEED, "threads": THREADS, "log_every": ints(1, MAX_STEPS),
+    "vae_ch": ints(1, 256), "vae_groups": ints(1, 256), "vae_res_blocks": ints(1, 8),
+    "vae_steps": ints(0, MAX_STEPS), "vae_batch": ints(1, 1024), "vae_lr": reals(0, 1, open_lo=True),
+    "vae_mean_steps": ints(0, MAX_STEPS), "kl_weight": reals(0, 1), "vae_decoder_steps": ints(0, MAX_STEPS),
+    "vae_decoder_lr": reals(0, 1, open_lo=True), "vae_eval_images": ints(1, 4096),
+    "text_width": ints(1, 1024), "text_layers": ints(1, 32), "text_heads": ints(1, 64),
+    "unet_channels": ints(1, 512), "unet_res_blocks": ints(1, 8), "unet_heads": ints(1, 64),
+    "unet_steps": ints(0, MAX_STEPS), "unet_batch": ints(1, 1024), "unet_lr": reals(0, 1, open_lo=True),
+    "pool_size": ints(1, 65536), "caption_dropout": reals(0, 1),
+    "grad_accum": ints(1, 64), "warmup": ints(0, MAX_STEPS), "min_lr_frac": reals(0, 1),
+    "weight_decay": reals(0, 1), "grad_clip": reals(0, 1e6, open_lo=True), "ema_decay": reals(0, 1, open_hi=True),
+    "sample_every": ints(0, MAX_STEPS), "ckpt_every": ints(0, MAX_STEPS),
+}
+# The tuple fields: (fewest, most entries), each entry in the range. vae_ch_mult's length sets the
+# downsampling (2 ** (n - 1)): six levels take a 64-pixel image to a 2 x 2 latent.
+TUPLES: dict[str, tuple[int, int, Range]] = {
+    "vae_ch_mult": (1, 6, ints(1, 8)), "unet_channel_mult": (1, 4, ints(1, 8)),
+    "unet_attention": (0, 4, ints(1, 64)),
+}
+
+
+def check_device(label: str, device: str, auto: bool = True, available: bool = True) -> None:
+    """Refuse a device name torch would reject mid-run ('banana'), and (available=True) CUDA on a
+    machine without it."""
+    allowed = ("auto, " if auto else "") + "cpu, cuda, cuda:N"
+    if not isinstance(device, str) or not (DEVICE.fullmatch(device) or (auto and device == "auto")):
+        raise ValueError(f"{label}{short(device)} must be one of {allowed}")
+    if available and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{label}{short(device)}: CUDA is not available on this machine; allowed: "
+                         f"{'auto, ' if auto else ''}cpu")
+
+
+def check_field(name: str, value) -> None:
+    """Refuse a TrainConfig field's value outside its documented range (RANGES, TUPLES) or choices."""
+    if name in RANGES:
+        RANGES[name].check(f"{name}=", value)
+    elif name in TUPLES:
+        fewest, most, each = TUPLES[name]
+        if not (isinstance(value, tuple) and fewest <= len(value) <= most and all(v in each for v in value)):
+            raise ValueError(f"{name}={short(value)} must be a tuple of {fewest} to {most} integers, each {each}")
+    elif name == "stage":
+        if value not in STAGES:
+            raise ValueError(f"stage={short(value)} is not one of {STAGES}")
+    elif name == "device":
+        check_device("device=", value, available=False)  # a config may be written on another machine
+    elif name == "out":
+        if not (isinstance(value, str) and value and "\0" not in value):
+            raise ValueError(f"out={short(value)} must be a folder path (not empty, no NUL character)")
+
+
 @dataclass
 class TrainConfig:
-    """Every knob of the recipe; `--set key=value` or `--key value` changes one."""
+    """Every knob of the recipe; `--set key=value` or `--key value` changes one (RANGES, TUPLES: what is allowed)."""
 
     out: str = "runs/shapes"
     stage: str = "all"  # "vae", "unet" (needs a finished vae.pt in out) or "all"
@@ -118,23 +231,25 @@ class TrainConfig:
     ckpt_every: int = 200  # steps between checkpoints (the last step always writes one)
 
     def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"stage={self.stage!r} is not one of {STAGES}")
-        for name in ("vae_batch", "unet_batch", "grad_accum", "vae_ch", "unet_channels", "text_width",
-                     "text_layers", "text_heads", "unet_heads", "pool_size", "vae_eval_images", "log_every", "vae_groups"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
-        for name in ("threads", "vae_steps", "unet_steps", "warmup", "sample_every", "ckpt_every", "vae_mean_steps",
-                     "vae_decoder_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1]")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay!r} must be in [0, 1)")
-        for name in ("vae_lr", "vae_decoder_lr", "unet_lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name))
+        # the fields that must fit together: GroupNorm and attention-head splits, and the latent's size
+        vae_widths = [self.vae_ch * m for m in self.vae_ch_mult]
+        if any(w % self.vae_groups for w in vae_widths):
+            raise ValueError(f"vae_ch={self.vae_ch} with vae_ch_mult={self.vae_ch_mult} gives widths {vae_widths}; "
+                             f"each must be a multiple of vae_groups={self.vae_groups}")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"text_width={self.text_width} must be a multiple of text_heads={self.text_heads}")
+        unet_widths = [self.unet_channels * m for m in self.unet_channel_mult]
+        if any(w % 32 or w % self.unet_heads for w in unet_widths):
+            raise ValueError(f"unet_channels={self.unet_channels} with unet_channel_mult={self.unet_channel_mult} "
+                             f"gives widths {unet_widths}; each must be a multiple of 32 (GroupNorm groups) and "
+                             f"of unet_heads={self.unet_heads}")
+        latent = shapes.SIZE_PX >> (len(self.vae_ch_mult) - 1)
+        if latent % (1 << (len(self.unet_channel_mult) - 1)):
+            raise ValueError(f"vae_ch_mult={self.vae_ch_mult} makes {latent}x{latent} latents, which "
+                             f"unet_channel_mult={self.unet_channel_mult} cannot halve "
+                             f"{len(self.unet_channel_mult) - 1} times")
 
     def vae_config(self) -> VAEConfig:
         return VAEConfig(ch=self.vae_ch, ch_mult=tuple(self.vae_ch_mult), num_res_blocks=self.vae_res_blocks,
@@ -152,31 +267,49 @@ class TrainConfig:
                           sample_size=shapes.SIZE_PX // vae_cfg.downsample_factor)
 
 
+MAX_VALUE_CHARS = 200  # a --set value longer than this is no number or tuple of this config
+
+
 def _parse_value(name: str, text: str, default):
-    """'1e-3' -> 0.001, '(1, 2)' -> (1, 2), 'cpu' -> 'cpu', typed like the field's default."""
+    """'1e-3' -> 0.001, '(1, 2)' -> (1, 2), 'cpu' -> 'cpu', typed like the field's default; a value of
+    another type ('1e14' for an integer, 'abc' for a tuple) is an error naming what is allowed."""
+    if isinstance(default, str):
+        return text
+    allowed = (RANGES[name].kind() if name in RANGES else
+               f"a tuple of integers, e.g. {default}" if isinstance(default, tuple) else type(default).__name__)
+    if len(text) > MAX_VALUE_CHARS:
+        raise ValueError(f"{name}={short(text)} is longer than {MAX_VALUE_CHARS} characters; allowed: {allowed}")
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        value = ast.literal_eval(text)  # literals only: nothing is evaluated
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         value = text
     if isinstance(default, tuple):
         value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-    elif isinstance(default, str):
-        value = text
-    elif isinstance(default, float) and isinstance(value, int):
+        if not all(type(v) is int for v in value):
+            raise ValueError(f"{name}={short(text)} must be {allowed}")
+    elif isinstance(default, float) and type(value) is int:
         value = float(value)
-    if not isinstance(value, type(default)):
-        raise ValueError(f"{name}={text!r} must be of type {type(default).__name__} (default {default!r})")
+    if type(value) is not type(default):  # `type is`: True is no integer here
+        raise ValueError(f"{name}={short(text)} must be {allowed}")
     return value
 
 
-def make_config(overrides: dict[str, str]) -> TrainConfig:
-    """TrainConfig with `overrides` (field name -> text) applied; an unknown name is an error."""
+def make_config(overrides: dict[str, str], given_as: dict[str, str] | None = None) -> TrainConfig:
+    """TrainConfig with `overrides` (field name -> text) applied; an unknown name, a value of the wrong
+    type or outside the field's range is an error. given_as: how the command line gave each key
+    ("--set ", "--vae-batch: "), the start of its error message (default "--set ")."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(fields)}")
-    defaults = TrainConfig()
-    return TrainConfig(**{k: _parse_value(k, v, getattr(defaults, k)) for k, v in overrides.items()})
+        raise ValueError(f"unknown config key {short(unknown[0])}; allowed keys: {', '.join(fields)}")
+    defaults, values = TrainConfig(), {}
+    for key, text in overrides.items():
+        try:
+            values[key] = _parse_value(key, text, getattr(defaults, key))
+            check_field(key, values[key])
+        except ValueError as e:
+            raise ValueError(f"{(given_as or {}).get(key, '--set ')}{e}") from None
+    return TrainConfig(**values)
 
 
 # --- processes, randomness, optimisation -----------------------------------------------------
@@ -214,8 +347,9 @@ def setup(cfg: TrainConfig) -> Dist:
 
 
 def generator(cfg: TrainConfig, stage: int, step: int, rank: int = 0) -> torch.Generator:
-    """The generator of one step of one stage on one rank: resuming at step s redraws step s's numbers."""
-    return torch.Generator().manual_seed(((cfg.seed * 7 + stage) * 1_000_003 + step) * 4099 + rank)
+    """The generator of one step of one stage on one rank: resuming at step s redraws step s's numbers.
+    The seed is taken modulo 2**64 (manual_seed's range), which leaves every seed that fitted unchanged."""
+    return torch.Generator().manual_seed((((cfg.seed * 7 + stage) * 1_000_003 + step) * 4099 + rank) % 2**64)
 
 
 def lr_at(step: int, base: float, cfg: TrainConfig, total: int) -> float:
@@ -263,10 +397,148 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 
 
 def save(path: Path, state: dict) -> None:
-    """torch.save through a temporary file: a crash never leaves a half-written checkpoint."""
+    """torch.save through a temporary file: a crash never leaves a half-written checkpoint, and a failed
+    write (a full disk) removes its part. The checkpoint holds tensors and plain data only (dicts,
+    lists, numbers, strings), all that load_checkpoint's restricted reader accepts."""
     tmp = path.with_name(path.name + ".partial")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(state, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint in --out that cannot be read or resumed; the message names the file."""
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    """An exception as one short line (torch's and the unpickler's messages may span several)."""
+    text = " ".join(str(e).split())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def _numbers(value, kinds=(int, float)) -> bool:
+    return not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
+
+
+def _checkpoint_problem(ck, networks: tuple[str, ...]) -> str | None:
+    """What is wrong with a checkpoint's contents for the loop that reads them, or None."""
+    if not isinstance(ck, dict):
+        return f"it holds a {type(ck).__name__}, not a dict"
+    if missing := [k for k in (*networks, "opt", "step", "elapsed") if k not in ck]:
+        return f"it lacks {missing}"
+    if not all(isinstance(ck[k], dict) for k in (*networks, "opt")):
+        return f"its {[*networks, 'opt']} are not all dicts"
+    if not (type(ck["step"]) is int and 0 <= ck["step"] <= MAX_STEPS):
+        return f"step={short(ck['step'])} is not an integer >= 0 and <= {MAX_STEPS}"
+    if not (_numbers(ck["elapsed"]) and ck["elapsed"] >= 0):
+        return f"elapsed={short(ck['elapsed'])} is not a finite number of seconds"
+    history = ck.get("history", [])
+    if not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 2 and all(map(_numbers, h))
+                                              for h in history)):
+        return "its history is not a list of [step, loss] pairs"
+    for key in ("metrics", "encoder_metrics"):
+        metrics = ck.get(key)
+        if metrics is not None and not (isinstance(metrics, dict) and all(map(_numbers, metrics.values()))):
+            return f"its {key} are not a dict of finite numbers"
+    if isinstance(ck.get("metrics"), dict) and not ck["metrics"].get("scaling_factor", 1) > 0:
+        return f"its scaling_factor {short(ck['metrics']['scaling_factor'])} is not > 0"
+    return None
+
+
+def load_checkpoint(path: Path, networks: tuple[str, ...]) -> dict:
+    """A checkpoint that `save` wrote (vae.pt, latent.pt), read without running anything it names.
+
+    torch.load(weights_only=False) would run any code a planted file asks for (an object whose
+    __reduce__ returns os.system). ldm.unpickle's restricted reader never imports or calls a name
+    from the file and bounds every size by the file's content; and since `save` writes only tensors
+    and plain data, a pickle that names any class at all is refused here. Then the fields the
+    loop reads are checked (`networks`: the state dicts it loads), so a wrong file ends in one
+    line naming it, not in a traceback halfway through training."""
+    allowed = "a checkpoint that ldm train wrote (tensors and plain data)"
+    try:
+        ck, stand_ins = unpickle.read_torch_zip(path)
+    except unpickle.Refused as e:
+        raise CheckpointFileError(f"{path}: refused, the pickle {_one_line(e)}; nothing was run; "
+                                  f"allowed: {allowed}") from None
+    except Exception as e:  # noqa: BLE001 - zipfile, Corrupt, OSError: whatever it is, it is not ours
+        raise CheckpointFileError(f"{path}: unreadable ({type(e).__name__}: {_one_line(e)}); "
+                                  f"allowed: {allowed}") from None
+    if stand_ins:
+        raise CheckpointFileError(f"{path}: refused, the pickle names {short(stand_ins[:3])}; nothing was run; "
+                                  f"allowed: {allowed}")
+    if problem := _checkpoint_problem(ck, networks):
+        raise CheckpointFileError(f"{path}: not a checkpoint this run can resume: {problem}; allowed: {allowed}")
+    return ck
+
+
+def restore(path: Path, module_or_opt, state: dict) -> None:
+    """load_state_dict from a checkpoint, its errors (another config's shapes) one line naming the file.
+    An optimiser's per-parameter state is checked too: torch loads it unchecked and fails steps later."""
+    try:
+        module_or_opt.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise CheckpointFileError(f"{path}: cannot resume from it ({_one_line(e)}); allowed: a checkpoint "
+                                  f"of this config (the same network sizes)") from None
+    if isinstance(module_or_opt, torch.optim.Optimizer):
+        for p, st in module_or_opt.state.items():
+            for k, v in st.items():
+                fits = (v.ndim == 0 or v.shape == p.shape) if isinstance(v, torch.Tensor) else _numbers(v)
+                if not fits:
+                    what = tuple(v.shape) if isinstance(v, torch.Tensor) else short(v)
+                    raise CheckpointFileError(f"{path}: cannot resume from it: its optimiser state {short(k)} is "
+                                              f"{what} for a parameter of shape {tuple(p.shape)}; allowed: a "
+                                              f"checkpoint of this config")
+
+
+class OutputError(OSError):
+    """An output that cannot be written now: another process is writing it, or its folder cannot be made."""
+
+
+@contextmanager
+def output_lock(lock_path: Path, what: str):
+    """Hold an exclusive lock on `lock_path` while this process writes `what` ("--out runs/x"): a second
+    run writing the same output refuses at once (OutputError) instead of overwriting the first's files.
+
+    fcntl.flock: the OS releases the lock when its holder exits or is killed, so a stale lock file never
+    blocks a later run. The file is removed on release, under the lock; a process that opened it just
+    before then finds it gone (another inode than the path's) and tries again."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): run unlocked, as before
+        yield
+        return
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(f"{what} is in use by another process (it holds {lock_path}); nothing was "
+                                  f"written; allowed: wait for it to finish, or pick another output") from None
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except OSError as e:
+        if isinstance(e, OutputError):
+            raise
+        in_the_way = next((a for a in lock_path.parents if a.exists()), None)  # the deepest part that exists
+        reason = (f"{in_the_way} is a file, not a folder" if in_the_way is not None and not in_the_way.is_dir()
+                  else f"{e.strerror or _one_line(e)}: {e.filename or lock_path}")
+        raise OutputError(f"{what}: cannot write there ({reason}); allowed: a folder this process can create "
+                          f"and write") from None
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def count(module: nn.Module) -> int:
@@ -353,15 +625,18 @@ def train_vae(cfg: TrainConfig, dist: Dist, resume: bool) -> AutoencoderKL:
     step, elapsed, encoder_metrics, history = 0, 0.0, None, []  # history: [step, loss] every log_every steps
     total = cfg.vae_steps + cfg.vae_decoder_steps
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=dist.device, weights_only=False)
-        vae.load_state_dict(ck["vae"])
-        opt.load_state_dict(ck["opt"])
+        ck = load_checkpoint(ckpt_path, ("vae",))
+        restore(ckpt_path, vae, ck["vae"])
+        restore(ckpt_path, opt, ck["opt"])
         step, elapsed, history = ck["step"], ck["elapsed"], ck.get("history", [])
         encoder_metrics = ck.get("encoder_metrics") or (ck.get("metrics") if step >= cfg.vae_steps else None)
-        if ck.get("done") and step >= total:
+        if ck.get("done") and step >= total and "scaling_factor" in (ck.get("metrics") or {}):
             vae.cfg = dataclasses.replace(vae.cfg, scaling_factor=ck["metrics"]["scaling_factor"])
             log.info("stage 1 already finished (%d steps): %s", step, ck["metrics"])
             return vae
+        if step >= total:  # the loop would not run, and no finished checkpoint would be written
+            raise CheckpointFileError(f"{ckpt_path}: an unfinished stage 1 stopped at step {step}; allowed: "
+                                      f"vae_steps + vae_decoder_steps > {step} to continue it")
         log.info("stage 1: resuming at step %d", step)
     if dist.master:
         log.info("stage 1: VAE %s, %.2fM parameters", vae.cfg, count(vae) / 1e6)
@@ -414,7 +689,7 @@ def train_vae(cfg: TrainConfig, dist: Dist, resume: bool) -> AutoencoderKL:
     bar.close()
     _barrier(dist)
     # every rank reads the measured scaling factor from rank 0's checkpoint
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(ckpt_path, ("vae",))
     vae.cfg = dataclasses.replace(vae.cfg, scaling_factor=ck["metrics"]["scaling_factor"])
     return vae
 
@@ -473,10 +748,10 @@ def train_latent(cfg: TrainConfig, dist: Dist, vae: AutoencoderKL, resume: bool)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.unet_lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step, elapsed, history = 0, 0.0, []  # history: [step, loss] every log_every steps
     if resume and ckpt_path.exists():  # a finished checkpoint resumes too: a larger unet_steps extends it
-        ck = torch.load(ckpt_path, map_location=dist.device, weights_only=False)
-        denoiser.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
+        ck = load_checkpoint(ckpt_path, ("model", "ema"))
+        restore(ckpt_path, denoiser, ck["model"])
+        restore(ckpt_path, ema, ck["ema"])
+        restore(ckpt_path, opt, ck["opt"])
         step, elapsed, history = ck["step"], ck["elapsed"], ck.get("history", [])
         log.info("stage 2: resuming at step %d", step)
     if dist.master:
@@ -571,6 +846,16 @@ def export(path: Path, text_encoder, unet, vae, metadata: dict[str, str]) -> Pat
 # --- the command -----------------------------------------------------------------------------
 
 
+def _allowed(name: str) -> str:
+    """What a field allows, for --help."""
+    if name in RANGES:
+        return RANGES[name].kind()
+    if name in TUPLES:
+        fewest, most, each = TUPLES[name]
+        return f"{fewest} to {most} integers, each {each}"
+    return {"stage": f"one of {', '.join(STAGES)}", "device": "auto, cpu, cuda, cuda:N", "out": "a folder"}[name]
+
+
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     from ldm.cli import ArgumentParser  # argparse with its usage errors on one line
 
@@ -580,18 +865,19 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
                         help="change one TrainConfig field (repeatable)")
     for f in dataclasses.fields(TrainConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), dest="field_" + f.name, metavar=f.name.upper(),
-                            help=f"TrainConfig.{f.name} (default {f.default!r})")
+                            help=f"TrainConfig.{f.name} (default {f.default!r}; {_allowed(f.name)})")
     args = parser.parse_args(argv)
-    overrides = {}
+    overrides, given_as = {}, {}
     for item in args.set:
         if "=" not in item:
-            raise ValueError(f"--set {item!r} must look like key=value")
+            raise ValueError(f"--set {short(item)} must look like KEY=VALUE")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = value.strip()
+        overrides[key.strip()], given_as[key.strip()] = value.strip(), "--set "
     for f in dataclasses.fields(TrainConfig):
         if getattr(args, "field_" + f.name) is not None:
             overrides[f.name] = getattr(args, "field_" + f.name)
-    return make_config(overrides), args.resume
+            given_as[f.name] = f"--{f.name.replace('_', '-')}: "
+    return make_config(overrides, given_as), args.resume
 
 
 def check_outputs(cfg: TrainConfig, resume: bool) -> None:
@@ -608,8 +894,19 @@ def check_outputs(cfg: TrainConfig, resume: bool) -> None:
 
 
 def run(cfg: TrainConfig, resume: bool = False) -> dict:
-    """The recipe for cfg.stage; returns what it measured (and the model path when it wrote one)."""
+    """The recipe for cfg.stage; returns what it measured (and the model path when it wrote one).
+
+    The first process (rank 0, the one that writes) holds --out's lock for the whole run: a second run
+    on the same folder stops with OutputError before it reads or writes anything there."""
     check_outputs(cfg, resume)
+    writer = int(os.environ.get("RANK", 0)) == 0  # torchrun's rank 0; known before any process group
+    with output_lock(Path(cfg.out) / LOCK_FILE, f"--out {cfg.out}") if writer else nullcontext():
+        check_outputs(cfg, resume)  # again: a run that just finished here may have written them
+        return _run(cfg, resume)
+
+
+def _run(cfg: TrainConfig, resume: bool) -> dict:
+    """run's work, under --out's lock."""
     dist = setup(cfg)
     out = Path(cfg.out)
     if dist.master:
@@ -618,11 +915,11 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
     _barrier(dist)
     t0 = time.time()
     vae = train_vae(cfg, dist, resume=resume or cfg.stage == "unet")
-    vae_ck = torch.load(out / VAE_CKPT, map_location="cpu", weights_only=False)
+    vae_ck = load_checkpoint(out / VAE_CKPT, ("vae",))
     result = {**vae_ck["metrics"], "vae_minutes": vae_ck["elapsed"] / 60, "history": {"vae": vae_ck.get("history", [])}}
     if cfg.stage in ("unet", "all"):
         text_encoder, unet = train_latent(cfg, dist, vae, resume=resume)
-        latent_ck = torch.load(out / LATENT_CKPT, map_location="cpu", weights_only=False)
+        latent_ck = load_checkpoint(out / LATENT_CKPT, ("model", "ema"))
         result["unet_minutes"] = latent_ck["elapsed"] / 60
         result["history"]["unet"] = latent_ck.get("history", [])
         if dist.master:
@@ -637,16 +934,43 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """`ldm train ARGS`: parse, run; a bad argument or an existing output is a one-line SystemExit."""
+    """`ldm train ARGS`: parse, run; a bad argument, an existing or busy output, or a checkpoint in --out
+    that cannot be resumed is a one-line SystemExit."""
     try:
         cfg, resume = parse_args(argv)
+        check_device("device=", cfg.device)  # CUDA asked for on a machine without it
         check_outputs(cfg, resume)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"ldm train: {e}") from None
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    return run(cfg, resume)
+    try:
+        return run(cfg, resume)
+    except (CheckpointFileError, OutputError, FileExistsError, FileNotFoundError) as e:
+        raise SystemExit(f"ldm train: {e}") from None
+
+
+def command(main_fn, prog: str) -> int:
+    """`python -m ldm.train` / `python -m ldm.finetune` as the `ldm` command runs: the library's refusals
+    (SystemExit with a message) and any other error end in one line on stderr and a non-zero status,
+    not a traceback (LDM_DEBUG=1 shows it); Ctrl-C is status 130."""
+    debug = os.environ.get("LDM_DEBUG", "") not in ("", "0")
+    try:
+        main_fn()
+        return 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        status, message = 130, f"{prog}: interrupted"
+    except Exception as e:  # noqa: BLE001 - the last line of defence of a command
+        if debug:
+            raise
+        status, message = 1, f"{prog}: error: {type(e).__name__}: {_one_line(e, 300)} (LDM_DEBUG=1 shows the traceback)"
+    # printed after the except block has dropped the traceback: the failed stage's progress bar is
+    # closed (and drawn) by then, so the error is the last line
+    print(message, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command(main, "ldm train"))
