@@ -3,7 +3,7 @@
     python benchmarks/bench_cpu_dtype.py                      # both parts
     python benchmarks/bench_cpu_dtype.py --only sd1 --threads 2 --repeats 3
 
-dtype="auto" on a CPU with native bf16 (AVX512-BF16 or AMX; ldm.pipeline.cpu_has_native_bf16)
+dtype="auto" on a CPU with native bf16 (AVX512-BF16 or AMX; ldm.memory.cpu_has_native_bf16)
 runs the UNet and the text encoder in bf16 and keeps the VAE in fp32. Two parts:
 
   sd1     the full-size SD 1.x UNet (random weights, seeded) on a 512x512 image's latents with
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ldm  # noqa: E402
 from ldm import judge, shapes, weights  # noqa: E402
 from ldm.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from ldm.pipeline import cpu_has_native_bf16  # noqa: E402
+from ldm.memory import cpu_has_native_bf16  # noqa: E402
 from ldm.unet import UNetConfig, UNetModel  # noqa: E402
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import ldm  # noqa: E402
 from ldm import checkpoint, finetune, judge, shapes  # noqa: E402
-from ldm.train import grid  # noqa: E402
+from ldm.recipe import grid  # noqa: E402
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], batch: int) -> list:

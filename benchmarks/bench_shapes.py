@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 import ldm  # noqa: E402
 from ldm import judge, shapes  # noqa: E402
-from ldm.train import psnr  # noqa: E402
+from ldm.recipe import psnr  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "ldm" / "data" / "ldm-shapes.safetensors"
 BARS = {"one": 0.90, "two": 0.70, "z": 2.0, "psnr": 30.0, "speed": 1.0}

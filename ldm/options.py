@@ -50,7 +50,7 @@ class Options:
     strength: float = 1.0  # img2img / inpainting: 1 redraws from noise, 0 keeps the image
     # what comes back
     previews: str | None = None  # None, "cheap" (the family's linear RGB map per step) or "vae"
-    tile: bool | None = None  # decode the VAE in tiles: None = above ldm.pipeline.AUTO_TILE_LATENT
+    tile: bool | None = None  # decode the VAE in tiles: None = above ldm.memory.AUTO_TILE_LATENT
     progress: bool = True  # a tqdm bar
     callback: Callable | None = None  # callback(i, x, x0_pred) after each step
 

@@ -1,4 +1,5 @@
-"""The pipeline: prompt -> tokens -> context -> denoising loop -> VAE decode -> PIL images.
+"""The pipeline: prompt -> conditioning (tokens -> context, and a vector for some families) ->
+denoising loop -> VAE decode -> PIL images.
 
     pipe = ldm.load("weights/v1-5-pruned-emaonly.safetensors")        # device=, dtype=
     pipe = ldm.load()                                                  # weights/, else ldm's shipped model
@@ -8,7 +9,9 @@
     result = pipe.inpaint("a cat", image, mask, seed=0)               # white = repaint
 
 Everything a step does is composed from the stages (ldm.tokenizer, ldm.clip, ldm.unet, ldm.vae)
-and ldm.samplers.sample, which owns the loop. This file adds what sits around the loop:
+and ldm.samplers.sample, which owns the loop. The stages are the family's (ldm.families: a mapping
+stage name -> network, pipe.stages), and so is the conditioner (ldm.conditioning) that turns the
+prompts and negative prompts into what the UNet takes. This file adds what sits around the loop:
 
 1. Classifier-free guidance (Ho & Salimans 2022): eps = eps(x, "") + s (eps(x, prompt) - eps(x, ""))
    with the negative prompt in place of ""; at s = 1 the unconditional pass is skipped.
@@ -39,70 +42,32 @@ and ldm.samplers.sample, which owns the loop. This file adds what sits around th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from ldm import checkpoint, families, images as imgs, lora as lora_files, options as opts_mod
 from ldm import prompt as prompt_syntaxes, samplers, weights
+from ldm.conditioning import Conditioning
 from ldm.families import Family
+from ldm.memory import AUTO_TILE_LATENT, cpu_has_native_bf16, default_device_dtype  # noqa: F401 (re-exported)
 from ldm.options import PROMPT_SYNTAXES, Options
 from ldm.sampler_common import check_prediction_type, randn
 from ldm.schedule import Schedule
-from ldm.tokenizer import CLIPTokenizer
 
 __all__ = ["load", "Pipeline", "Result", "Options", "LoadedLoRA", "NonFiniteError", "default_device_dtype",
            "cpu_has_native_bf16", "PROMPT_SYNTAXES"]
 
 log = logging.getLogger(__name__)
 
-AUTO_TILE_LATENT = 64  # tile the VAE decode above 64x64 latents (512x512 pixels), tiles of this size
-
-
 class NonFiniteError(FloatingPointError):
     """A latent or an image holds NaN or inf (typically fp16 overflow): refused rather than saved black."""
-
-
-def cpu_has_native_bf16() -> bool:
-    """Does this CPU compute in bf16 natively (AVX512-BF16 or AMX), so that bf16 matmuls and
-    convolutions run faster than fp32 instead of being emulated (and slower)?"""
-    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere: no bf16 claimed)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """CUDA with fp16 when there is a GPU, else the CPU with fp32; either can be forced.
-
-    dtype="auto": fp16 on CUDA; on the CPU bf16 where the CPU has native bf16 (cpu_has_native_bf16),
-    else fp32. (load() keeps the VAE in fp32 under "auto": its decoder is cheap and precision-sensitive.)
-    """
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype == "auto":
-        dtype = torch.float16 if device.type == "cuda" else \
-            torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype={dtype!r} is not supported; use torch.float32, torch.float16, torch.bfloat16 "
-                         f"or 'auto'")
-    return device, dtype
 
 
 def check_finite(x: torch.Tensor, what: str, computed_in: torch.dtype | None = None,
@@ -169,24 +134,45 @@ def _uses(word: str, *texts: str) -> bool:
 
 
 class Pipeline:
-    """tokenizer + text_encoder + unet + vae + schedule, on one device. Build it with ldm.load.
+    """The family's networks + their tokenizers + schedule, on one device. Build it with ldm.load.
 
-    family: its record in ldm.families (or the name of one). prediction_type: what the UNet predicts
-    (default: the family's). spacing: the default timestep spacing of every sampler (default None:
-    each sampler's own; a diffusers folder's scheduler config may set it).
+    models: stage -> network, every stage the family lists (ldm.families; SD: text_encoder, unet, vae),
+    reachable as pipe.unet, pipe.vae, pipe.text_encoder (pipe.text_encoder_2, ... for a family that has
+    one). tokenizers: text stage -> tokenizer (default: the family's; pipe.tokenizer is the first).
+    family: its record in ldm.families (or the name of one); its conditioner turns prompts into what the
+    UNet takes. prediction_type: what the UNet predicts (default: the family's). spacing: the default
+    timestep spacing of every sampler (default None: each sampler's own; a diffusers folder's scheduler
+    config may set it).
     """
 
-    def __init__(self, tokenizer: CLIPTokenizer, text_encoder, unet, vae, schedule: Schedule | None = None,
-                 name: str = "", family: str | Family = "sd1", prediction_type: str | None = None,
-                 spacing: str | None = None):
-        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+    def __init__(self, models: Mapping[str, nn.Module], schedule: Schedule | None = None, name: str = "",
+                 family: str | Family = "sd1", prediction_type: str | None = None, spacing: str | None = None,
+                 tokenizers: Mapping[str, object] | None = None):
         self.family = families.get(family)
+        if set(models) != set(self.family.stage_names):
+            raise ValueError(f"models for {sorted(models)}; the {self.family.name} family's stages are "
+                             f"{list(self.family.stage_names)}")
+        self.stages = {name_: models[name_] for name_ in self.family.stage_names}
+        self.tokenizers = dict(tokenizers) if tokenizers is not None else self.family.tokenizers()
+        self.conditioner = self.family.conditioner()
         self.schedule = schedule or self.family.schedule()
         self.name = name
         self.prediction_type = check_prediction_type(prediction_type or self.family.prediction_type)
         self.spacing = spacing
         self.loras: list[LoadedLoRA] = []  # in the order loaded; unload_loras() takes them all off
         self.embeddings: list[prompt_syntaxes.Embedding] = []
+
+    def __getattr__(self, name: str):
+        """pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2: the network of that stage."""
+        stages = self.__dict__.get("stages")
+        if stages is not None and name in stages:
+            return stages[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute or stage {name!r}")
+
+    @property
+    def tokenizer(self):
+        """The first text stage's tokenizer (SD 1.x / 2.x: their one)."""
+        return next(iter(self.tokenizers.values()))
 
     def __repr__(self) -> str:
         return (f"Pipeline({self.name!r}, family={self.family.name}, predicts {self.prediction_type}, "
@@ -243,7 +229,7 @@ class Pipeline:
         Everything is checked before a weight changes: a refused file leaves the pipeline as it was.
         """
         lo = path if isinstance(path, lora_files.LoRA) else lora_files.read(path)
-        handle = lora_files.apply(self.text_encoder, self.unet, [(lo, weight)], merge=merge, strict=strict)
+        handle = lora_files.apply(self.stages, [(lo, weight)], merge=merge, strict=strict)
         source = Path(lo.path)
         loaded = LoadedLoRA(source.stem, float(weight), imgs.short_hash(source, addnet=True) if source.is_file() else None, handle)
         self.loras.append(loaded)
@@ -299,20 +285,28 @@ class Pipeline:
             out.append(check_finite(x, f"decoded image {b}", self.vae_dtype).float())
         return torch.cat(out)  # (B, 3, H, W)
 
-    def eps_fn(self, context: torch.Tensor, guidance: float, extra: torch.Tensor | None = None):
+    @torch.no_grad()
+    def condition(self, prompts: list[str], *, clip_skip: int = 1, prompt_syntax: str = "plain") -> Conditioning:
+        """prompts -> what the UNet is conditioned on, by the family's conditioner (ldm.conditioning):
+        SD 1.x / 2.x a context (B, 77, C) from encode_prompt and no vector; other families may add y."""
+        return self.conditioner(self, prompts, clip_skip=clip_skip, prompt_syntax=prompt_syntax).to(self.dtype)
+
+    def eps_fn(self, cond: Conditioning | torch.Tensor, guidance: float, extra: torch.Tensor | None = None):
         """The network as the samplers call it: eps_fn(x, t) -> the guided output, float32: eps, or v for a
         v-prediction model (guidance is linear, so it combines either the same way; the sampler converts).
 
-        context: (2B, 77, C) [uncond; cond] when guiding, (B, 77, C) otherwise. extra: an inpainting
-        UNet's (B, 1 + C, h, w) mask + masked-image latent, appended to x's channels (never scaled).
+        cond: a Conditioning (or a bare context tensor), 2B rows [uncond; cond] when guiding, B otherwise:
+        context (., 77, C) and, for a family with a vector, y. extra: an inpainting UNet's (B, 1 + C, h, w)
+        mask + masked-image latent, appended to x's channels (never scaled).
         """
         guided = guidance != 1.0
+        cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
 
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, x]) if guided else x  # (2B or B, C, h, w)
             if extra is not None:
                 x_in = torch.cat([x_in, torch.cat([extra, extra]) if guided else extra], dim=1)  # 2C + 1 channels
-            out = self.unet(x_in.to(self.dtype), t, context).float()
+            out = self.unet(x_in.to(self.dtype), t, cond.context, cond.y).float()
             if not guided:
                 return out
             eps_uncond, eps_cond = out.chunk(2)
@@ -370,16 +364,15 @@ class Pipeline:
         f, C = self.vae.cfg.downsample_factor, self.latent_channels  # SD: 8 pixels per latent, 4 channels
         h, w = o.height // f, o.width // f
 
-        # 1. text -> context, prompt b repeated num_images times: (B, 77, C), or (2B, ...) [uncond; cond]
+        # 1. text -> conditioning (the family's conditioner: a context (B, 77, C), and a vector y for some
+        #    families), prompt b repeated num_images times; (2B, ...) [uncond; cond] when guiding
         #    (77 n tokens with prompt_syntax="a1111": prompts and negatives encoded together, so that
         #    both have the same number of chunks)
         texts = prompts + negatives if o.guidance != 1.0 else prompts
-        encoded = self.encode_prompt(texts, clip_skip=o.clip_skip, prompt_syntax=o.prompt_syntax)
-        cond = encoded[:len(prompts)].repeat_interleave(o.num_images, dim=0)
-        context = cond
+        encoded = self.condition(texts, clip_skip=o.clip_skip, prompt_syntax=o.prompt_syntax)
+        cond = encoded[:len(prompts)].repeat_interleave(o.num_images)
         if o.guidance != 1.0:
-            uncond = encoded[len(prompts):].repeat_interleave(o.num_images, dim=0)
-            context = torch.cat([uncond, cond])
+            cond = Conditioning.cat([encoded[len(prompts):].repeat_interleave(o.num_images), cond])
 
         # 2. the image's latents and the starting noise, drawn from the generators in diffusers' order
         init, extra, hook = None, None, None
@@ -417,7 +410,7 @@ class Pipeline:
 
         try:
             latents = samplers.sample(
-                o.scheduler, self.eps_fn(context, o.guidance, extra), noise, o.steps, self.schedule,
+                o.scheduler, self.eps_fn(cond, o.guidance, extra), noise, o.steps, self.schedule,
                 generator=generators, callback=on_step, spacing=o.spacing, karras=o.karras, eta=o.eta,
                 prediction_type=o.prediction_type, init=init, strength=o.strength if init is not None else 1.0,
                 step_hook=hook)
@@ -489,14 +482,14 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     ck = checkpoint.read(path, prediction_type=prediction_type)
     family = ck.record
     predicts = ck.prediction_type  # the caller's, else the file's (its folder's scheduler config), else the family's
-    text_encoder, unet, vae = weights.build(ck)  # on the CPU in the file's dtype, then cast once each
-    text_encoder, unet, vae = text_encoder.to(device, dtype), unet.to(device, dtype), vae.to(device, vae_dtype)
-    unet.attention_backend = attention_backend
+    models = weights.build_stages(ck)  # on the CPU in the file's dtype, then cast once each: the VAE to vae_dtype
+    models = {stage: m.to(device, vae_dtype if stage == "vae" else dtype) for stage, m in models.items()}
+    models["unet"].attention_backend = attention_backend
     schedule = family.schedule()
     if "steps_offset" in ck.scheduler:
         schedule = dataclasses.replace(schedule, steps_offset=ck.scheduler["steps_offset"])
-    pipe = Pipeline(family.tokenizer(), text_encoder, unet, vae, schedule, name=Path(path).stem, family=family,
-                    prediction_type=predicts, spacing=ck.scheduler.get("timestep_spacing"))
+    pipe = Pipeline(models, schedule, name=Path(path).stem, family=family, prediction_type=predicts,
+                    spacing=ck.scheduler.get("timestep_spacing"))
     log.info("loaded %s (%s, predicts %s) on %s: unet %s, vae %s", path, ck.family, pipe.prediction_type, device,
              dtype, vae_dtype)
     return pipe

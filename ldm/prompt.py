@@ -68,6 +68,7 @@ import torch
 from einops import rearrange
 
 from ldm import checkpoint
+from ldm.checkpoint.errors import printable
 from ldm.tokenizer import MAX_NAME_CHARS, MAX_RUN_CHARS
 
 __all__ = ["BREAK", "PromptError", "EmbeddingError", "Chunk", "Embedding", "parse", "chunk",
@@ -426,7 +427,8 @@ def read_embedding(path: str | Path, name: str | None = None) -> tuple[str, torc
     try:
         data, _ = checkpoint._read_file(path)  # safetensors, or torch zip through the safe unpickler
     except checkpoint.CheckpointError as e:
-        message = str(e).replace(str(path), where, 1)  # the reader names the file as is
+        # the reader names the file with its control characters escaped (checkpoint.errors.printable)
+        message = str(e).replace(printable(str(path)), where, 1)
         raise EmbeddingError(message if message.isprintable() else _quote(message, 300)) from None
     implied, vectors = _vectors_of(where, data)
     word = name if name is not None else (implied if implied is not None else path.stem)

@@ -13,63 +13,46 @@ Stable Diffusion 1.x reads a prompt through OpenAI's CLIP byte-level BPE. The st
       7. window     BOS + first 75 ids + EOS, padded with EOS to 77    (B, 77) int64
                     (SD 2.x's OpenCLIP pads with 0 instead: pad_id=0)
 
-Text cleaning, and where the reference differs from OpenAI's original. OpenAI's `simple_tokenizer`
-cleans with `ftfy.fix_text` (repairs mojibake, NFC), `html.unescape` twice, collapses whitespace
-runs to one space, strips, and lower-cases with `str.lower()`. The reference here is
-transformers' `CLIPTokenizer` (5.x; 4.x's "fast" class did the same), which is backed by the
-Rust `tokenizers` library and does *no* ftfy and *no* HTML unescaping: its normalizer is
-`NFC -> Replace(\\s+, " ") -> Lowercase`. We match that exactly, so ids equal the reference's.
-Text that ftfy would repair (mojibake such as "cafÃ©") or that holds HTML entities ("&amp;")
-tokenizes differently from OpenAI's original, in the reference and here alike. Three details
-of the Rust implementation matter for parity (OpenAI's original differs on all three):
+Parity. The reference is transformers' `CLIPTokenizer` (5.x; 4.x's "fast" class did the same),
+backed by the Rust `tokenizers` library, whose normalizer is `NFC -> Replace(\\s+, " ") -> Lowercase`:
+no ftfy and no HTML unescaping, which OpenAI's `simple_tokenizer` does, so mojibake ("cafÃ©") and
+entities ("&amp;") tokenize differently from OpenAI's original, in the reference and here alike.
+Three details of the Rust implementation matter (OpenAI's original differs on all three):
 
-- "whitespace" is Oniguruma's `\\s`: tab..carriage return, U+0085 and the categories Zs, Zl,
-  Zp. Python's `str.isspace` also counts U+001C..U+001F; those are kept as (odd) tokens here.
+- "whitespace" is Oniguruma's `\\s`: tab..carriage return, U+0085 and the categories Zs, Zl, Zp
+  (Python's `str.isspace` also counts U+001C..U+001F; those are kept as odd tokens here);
 - lower-casing is per character (Rust `char::to_lowercase`): "Σ" -> "σ" everywhere, never the
-  final "ς" that Python's `str.lower()` picks at the end of a word; "İ" -> "i" + U+0307.
-- a literal "<|endoftext|>" in the prompt becomes the EOS id (the reference's added-token pass
-  runs before normalization); in another case ("<|EndOfText|>") it is ordinary text, split
-  into "<|", "endoftext", "|>".
+  final "ς" of Python's `str.lower()`; "İ" -> "i" + U+0307;
+- a literal "<|endoftext|>" becomes the EOS id (the added-token pass runs before normalization);
+  in another case ("<|EndOfText|>") it is text, split into "<|", "endoftext", "|>".
 
-Character classes (letter = category L*, number = N*) come from Python's `unicodedata`
-(Unicode 14.0 on Python 3.11). The reference's regex tables are newer (Unicode 16 or later in
-tokenizers 0.23): a character assigned after Python's version (e.g. Egyptian Hieroglyphs
-Extended-A, U+13460..U+143FF, letters since 16.0) is "other" here and a letter there, so such
-text can split differently. For characters Python knows, the ids agree (hypothesis-tested).
-A lone surrogate (a str, but not valid text; the reference refuses it) is spelled by its
-UTF-8-style bytes, so every str tokenizes.
+Character classes (letter L*, number N*) come from Python's `unicodedata` (Unicode 14.0 on 3.11);
+the reference's are newer, so a character assigned since (e.g. U+13460..U+143FF, letters since
+Unicode 16) can split differently; for the rest the ids agree (hypothesis-tested). A lone surrogate
+(a str, not valid text; the reference refuses it) is spelled by its UTF-8-style bytes.
 
-The vocabulary is OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT licence, vendored in ldm/data/):
-its first line is a header, then 262,144 merges ranked by line. CLIP keeps the first 48,894, so
-the vocabulary has 256 byte symbols + 256 with "</w>" + 48,894 merged symbols + 2 specials =
-49,408 ids; BOS = 49406, EOS = 49407, and SD 1.x pads with EOS (not 0). SD 2.x's OpenCLIP
-tokenizer is the same BPE but pads with id 0 (the token "!"; open_clip.tokenize, and
-diffusers' SD 2 tokenizer whose pad_token is "!"): `CLIPTokenizer(pad_id=0)`.
+The vocabulary is OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT licence, vendored in ldm/data/): a
+header line, then 262,144 merges ranked by line, of which CLIP keeps the first 48,894: 256 byte
+symbols + 256 with "</w>" + 48,894 merged symbols + 2 specials = 49,408 ids; BOS = 49406, EOS =
+49407, and SD 1.x pads with EOS (not 0). SD 2.x's OpenCLIP tokenizer is the same BPE but pads with
+id 0 (the token "!", as open_clip.tokenize and diffusers' SD 2 do): `CLIPTokenizer(pad_id=0)`.
 
-Added tokens (textual inversion): `add_tokens(names)` gives new words ids from 49,408 upward.
-They are cut out of the normalized text before the split and BPE, as transformers' added tokens
-are (`CLIPTokenizer.add_tokens`): case-insensitively, the longest name first, but only as whole
-words (not inside a run of letters or digits: a name "cat" leaves "concat" alone, where
-transformers would split it). `add_tokens(names, group=True)` makes the first name stand for all
-of them, so the prompt word of a multi-vector embedding becomes its n ids. ldm.prompt uses this.
+Added tokens (textual inversion, for ldm.prompt): `add_tokens(names)` gives new words ids from
+49,408 up. As transformers' added tokens, they are cut out of the normalized text before the
+split and BPE, case-insensitively, the longest name first, but only as whole words (a name "cat"
+leaves "concat" alone, where transformers would split it). With `group=True` the first name
+stands for all of them, so the prompt word of a multi-vector embedding becomes its n ids.
 
-Long and hostile text. Work per prompt is bounded, and the ids equal the reference's for every
-prompt of practical length:
-
-- BPE merges with a heap (transformers' algorithm, `tokenizers` word.rs): n log n in a word's
-  length, not OpenAI's quadratic loop. Same merges in the same order: the lowest rank first,
-  the leftmost of equal ranks first.
-- The text is read in segments (`SEGMENT_CHARS`), each cut just before an ASCII whitespace
-  character. Nothing crosses such a cut: NFC never composes or reorders across a space, no word
-  or special holds one, and an added name with a space turns these cuts off. So `tok(prompt)`
-  reads only the segments that hold its first 75 ids (plus `COUNT_PAST_WINDOW` to count the
-  dropped ones), however long the prompt is.
-- A stretch of more than `MAX_RUN_CHARS` characters without ASCII whitespace is cut anyway;
-  that is the only place where ids can differ from the reference's, and it bounds the length
-  of a word. Such a stretch is at least 256 tokens (a BPE token spans at most 32 bytes, an
-  added name at most 256 characters) unless it is other whitespace, where a cut changes
-  nothing; so the 75-token window is long past, and `ldm.prompt` refuses prompts longer than
-  this before they get here.
+Long and hostile text: work per prompt is bounded, and the ids equal the reference's for every
+prompt of practical length. BPE merges with a heap (`_bpe`): n log n in a word's length, not
+OpenAI's quadratic loop, with the same merges in the same order. The text is read in segments
+(`SEGMENT_CHARS`) cut just before ASCII whitespace, which nothing crosses (NFC never composes
+across a space, no word or special holds one, and an added name with a space turns the cuts off),
+so `tok(prompt)` reads only the segments that hold its first 75 ids (plus `COUNT_PAST_WINDOW`, to
+count the dropped ones). A stretch of over `MAX_RUN_CHARS` characters without ASCII whitespace is
+cut anyway, the one place where ids can differ from the reference's: it is at least 256 tokens (a
+BPE token spans at most 32 bytes, an added name 256 characters), far past the 75-token window,
+unless it is other whitespace, where a cut changes nothing. `ldm.prompt` refuses longer prompts.
 
 Reference: Radford et al. 2021 (CLIP); Sennrich et al. 2016 (BPE); Radford et al. 2019 (GPT-2,
 byte-level BPE). Parity with `transformers.CLIPTokenizer` is tested in tests/test_tokenizer.py.
@@ -89,15 +72,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = [
-    "CLIPTokenizer",
-    "TruncationWarning",
-    "bytes_to_unicode",
-    "is_space",
-    "normalize",
-    "split_words",
-    "DEFAULT_VOCAB_PATH",
-]
+__all__ = ["CLIPTokenizer", "TruncationWarning", "bytes_to_unicode", "is_space", "normalize", "split_words",
+           "DEFAULT_VOCAB_PATH"]
 
 DEFAULT_VOCAB_PATH = Path(__file__).resolve().parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -281,14 +257,13 @@ class CLIPTokenizer:
     def _bpe(self, word: str) -> tuple[str, ...]:
         """Merge a word's byte symbols, lowest-ranked adjacent pair first, until none applies.
 
-        OpenAI's loop merges every occurrence of the best pair, then looks for the next best:
-        quadratic in the word's length (a 20,000-letter word took 20 s). This is the heap of
-        transformers' `tokenizers` (word.rs `merge_all`): candidate pairs keyed (rank, position),
-        so the lowest rank merges first and, among equal ranks, the leftmost; an entry whose
-        symbols have changed since it was pushed is stale and skipped. Each merge pushes at
-        most two new pairs, so a word of n bytes costs O(n log n). OpenAI's order gives the same
-        pieces: each symbol of the file is made by exactly one merge, and every merge that uses
-        it comes later, so a merge never creates a pair of lower rank than its own.
+        OpenAI's loop (merge every occurrence of the best pair, then look for the next) is quadratic
+        in the word's length: a 20,000-letter word took 20 s. This is the heap of `tokenizers`
+        (word.rs `merge_all`): pairs keyed (rank, position), so the lowest rank merges first and,
+        among equal ranks, the leftmost; an entry whose symbols changed since it was pushed is
+        stale and skipped. A merge pushes at most two pairs: O(n log n) for n bytes. OpenAI's order
+        gives the same pieces: each symbol of the file is made by one merge, and every merge that
+        uses it comes later, so a merge never creates a pair of lower rank than its own.
         """
         # surrogatepass: a lone surrogate (not valid text, but a valid str) still gets bytes
         symbols: list[str | None] = [self.byte_encoder[b] for b in word.encode("utf-8", errors="surrogatepass")]
@@ -329,12 +304,11 @@ class CLIPTokenizer:
     def add_tokens(self, names: Sequence[str], *, group: bool = False) -> list[int]:
         """Add `names` as new tokens; returns their ids (vocab_size, vocab_size + 1, ...).
 
-        A name is matched in a prompt after normalization (so case-insensitively), as a whole
-        word, before BPE. With group=True the first name stands for all of them in order
-        (a 3-vector embedding "tok" is added as ["tok", "tok_1", "tok_2"], and "tok" in a prompt
-        gives all 3 ids); each further name still matches alone. Nothing is added if any name
-        is refused (empty, repeated, already a vocabulary token or an added one, longer than
-        MAX_NAME_CHARS, or holding control characters: a name is printed in logs and errors).
+        A name matches in a prompt after normalization (case-insensitively), as a whole word,
+        before BPE. With group=True the first name stands for all of them in order (a 3-vector
+        embedding "tok" is added as ["tok", "tok_1", "tok_2"]: "tok" gives all 3 ids), and each
+        further name still matches alone. Nothing is added if any name is refused (empty,
+        repeated, already a token, longer than MAX_NAME_CHARS, or holding control characters).
         """
         if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
             raise TypeError(f"names={_short.repr(names)} must be a non-empty list of str")

@@ -102,6 +102,8 @@ class UNetConfig:
     use_linear_in_transformer: bool = False           # SD 2.x: proj_in/proj_out are Linear, not 1x1 Conv2d
     sample_size: int = 64                             # the latent side it was trained at (diffusers' name):
                                                       # default image side = sample_size * the VAE's factor
+    adm_in_channels: int | None = None                # a vector y added to the time embedding through
+                                                      # label_emb (SDXL: 2816); None = SD 1.x / 2.x, no y
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
@@ -111,6 +113,8 @@ class UNetConfig:
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
             raise ValueError(f"UNetConfig: channel_mult={self.channel_mult} must be a non-empty "
                              f"tuple of positive integers")
+        if self.adm_in_channels is not None and self.adm_in_channels < 1:
+            raise ValueError(f"UNetConfig: adm_in_channels={self.adm_in_channels} must be >= 1, or None (no vector y)")
         if self.num_head_channels is not None and self.num_head_channels < 1:
             raise ValueError(f"UNetConfig: num_head_channels={self.num_head_channels} must be >= 1, "
                              f"or None to split each width into num_heads heads")
@@ -336,7 +340,8 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """eps = unet(x, t, context): x (B, in_channels, h, w), t (B,) or scalar, context (B, T, context_dim)."""
+    """eps = unet(x, t, context): x (B, in_channels, h, w), t (B,) or scalar, context (B, T, context_dim);
+    with cfg.adm_in_channels also y (B, adm_in_channels), a vector added to the timestep embedding."""
 
     def __init__(self, cfg: UNetConfig = UNetConfig(), attention_backend: str = "auto"):
         super().__init__()
@@ -351,6 +356,9 @@ class UNetModel(nn.Module):
                                       linear=cfg.use_linear_in_transformer)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels is not None:  # CompVis num_classes="sequential": label_emb.0 is an MLP like time_embed
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
 
         # Down: record the channels of every block's output, each becomes a skip connection.
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -386,8 +394,13 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(NUM_GROUPS, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
-    def _check_inputs(self, x: Tensor, t, context: Tensor) -> Tensor:
+    def _check_inputs(self, x: Tensor, t, context: Tensor, y: Tensor | None) -> Tensor:
         cfg = self.cfg
+        if cfg.adm_in_channels is None and y is not None:
+            raise ValueError("UNetModel: y was given, but this UNet takes no vector (its config has no adm_in_channels)")
+        if cfg.adm_in_channels is not None and (y is None or y.shape != (x.shape[0], cfg.adm_in_channels)):
+            raise ValueError(f"UNetModel: y must be (B={x.shape[0]}, {cfg.adm_in_channels}), "
+                             f"got {None if y is None else tuple(y.shape)}")
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"UNetModel: x must be (B, {cfg.in_channels}, h, w), got shape {tuple(x.shape)}")
         if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
@@ -401,13 +414,16 @@ class UNetModel(nn.Module):
                              f"got shape {tuple(t.shape)}")
         return t
 
-    def forward(self, x: Tensor, t, context: Tensor, *, attention_backend: str | None = None) -> Tensor:
+    def forward(self, x: Tensor, t, context: Tensor, y: Tensor | None = None, *,
+                attention_backend: str | None = None) -> Tensor:
         backend = attention_backend or self.attention_backend
         if backend not in BACKENDS:
             raise ValueError(f"UNetModel: attention_backend={backend!r} is not one of {BACKENDS}")
-        t = self._check_inputs(x, t, context)
+        t = self._check_inputs(x, t, context, y)
         t_emb = timestep_embedding(t, self.cfg.model_channels)      # (B, 320)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # (B, 1280)
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))              # (B, 1280): the vector joins the time
 
         h, skips = x, []
         for block in self.input_blocks:                              # 64 -> 32 -> 16 -> 8

@@ -1,7 +1,8 @@
-"""From a checkpoint to the three networks, random weights, and where a user's checkpoint is.
+"""From a checkpoint to its networks, random weights, and where a user's checkpoint is.
 
     ck = ldm.checkpoint.read(ldm.weights.find_checkpoint())   # $LDM_CHECKPOINT or weights/
-    text_encoder, unet, vae = ldm.weights.build(ck)          # strict loading, no renaming
+    nets = ldm.weights.build_stages(ck)                      # {"text_encoder": ..., "unet": ..., "vae": ...}
+    text_encoder, unet, vae = ldm.weights.build(ck)          # the same, in the family's stage order
     ldm.weights.write_single_file("my.safetensors", text_encoder, unet, vae)   # = ldm.checkpoint.write_single_file
     ldm.weights.random_checkpoint("weights/random-tiny.safetensors", size="tiny")
     ldm.weights.random_init_(module, seed)                     # fast seeded random weights
@@ -37,7 +38,7 @@ from ldm.unet import UNetConfig
 from ldm.vae import VAEConfig
 
 __all__ = ["CONFIG_METADATA_KEY", "SHIPPED", "find_checkpoint", "default_checkpoint", "is_random", "configs_for",
-           "build", "single_file_state_dict", "write_single_file", "random_init_", "random_family", "random_models",
+           "build", "build_stages", "random_stages", "single_file_state_dict", "write_single_file", "random_init_", "random_family", "random_models",
            "random_checkpoint"]
 
 SIZES = ("tiny", "full")
@@ -83,13 +84,20 @@ def default_checkpoint(folder: str | Path = "weights") -> tuple[Path, str]:
                      f"or {folder}/; it paints flat shapes in six colours, trained by `ldm train`)")
 
 
-def build(ck, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(text_encoder, unet, vae) in eval mode with the checkpoint's weights, strictly loaded."""
+def build(ck, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[nn.Module, ...]:
+    """The networks of build_stages, as a tuple in the family's stage order (SD: text_encoder, unet, vae)."""
+    return tuple(build_stages(ck, device, dtype).values())
+
+
+def build_stages(ck, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
+    """stage -> network, in eval mode with the checkpoint's weights, strictly loaded; every stage the
+    family lists (ldm.families), in its order."""
     configs = configs_for(ck)  # this module's name, so a test may stand in for it (monkeypatch)
-    classes = families.get(ck.family).models  # stage -> nn.Module class
-    models = []
+    family = families.get(ck.family)
+    classes = family.models  # stage -> nn.Module class
+    models = {}
     where = getattr(ck, "path", None) or "checkpoint"
-    for stage in ("text_encoder", "unet", "vae"):
+    for stage in family.stage_names:
         try:
             with torch.device("meta"):  # shapes only; the weights come from the file
                 module = classes[stage](configs[stage])
@@ -104,8 +112,8 @@ def build(ck, device: str | torch.device = "cpu", dtype: torch.dtype | None = No
             except (RuntimeError, MemoryError) as e:
                 raise checkpoint.CheckpointError(f"{where}: cannot cast the {stage} to {dtype} "
                                                  f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-        models.append(module.to(device).eval())
-    return tuple(models)
+        models[stage] = module.to(device).eval()
+    return models
 
 
 def random_init_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -142,6 +150,8 @@ def tiny_configs(family: str = "sd1") -> dict:
     family = families.get(family)
     if not family.supported:
         raise ValueError(f"family={family.name!r} ({family.title}) has no stages in ldm yet")
+    if family.tiny_configs is not None:  # a family that is not SD-shaped says its own
+        return dict(family.tiny_configs)
     if family.models["text_encoder"] is OpenCLIPTextModel:  # SD 2.x
         return {"text_encoder": OpenCLIPTextConfig.tiny(), "vae": VAEConfig.tiny(),
                 "unet": dataclasses.replace(UNetConfig.tiny_sd2(), in_channels=family.unet_in_channels)}
@@ -157,20 +167,28 @@ def random_family(family: str | None = None, inpainting: bool = False):
     return families.get(family or ("sd1-inpaint" if inpainting else "sd1"))
 
 
-def random_models(size: str = "tiny", seed: int = 0, inpainting: bool = False, family: str | None = None):
-    """(text_encoder, unet, vae, configs) with random weights: `size` "tiny" or "full" (the family's own
-    configs). `family` is a name in ldm.families ("sd1", "sd2", "sd2-v", ...; default "sd1", or
-    "sd1-inpaint" with inpainting=True)."""
+def random_stages(size: str = "tiny", seed: int = 0, inpainting: bool = False,
+                  family: str | None = None) -> tuple[dict[str, nn.Module], dict]:
+    """({stage: network with random weights}, {stage: config}): `size` "tiny" or "full" (the family's
+    own configs). `family` is a name in ldm.families ("sd1", "sd2", "sd2-v", ...; default "sd1", or
+    "sd1-inpaint" with inpainting=True). Stage i of the family's order draws from seed + i."""
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not one of {SIZES}")
     family = random_family(family, inpainting)
     configs = tiny_configs(family) if size == "tiny" else dict(family.configs)
-    models = []
-    for i, stage in enumerate(("text_encoder", "unet", "vae")):
+    models = {}
+    for i, stage in enumerate(family.stage_names):
         with torch.device("meta"):  # shapes only: random_init_ fills every parameter
             module = family.models[stage](configs[stage])
-        models.append(random_init_(module.to_empty(device="cpu"), seed + i).eval())
-    return (*models, configs)
+        models[stage] = random_init_(module.to_empty(device="cpu"), seed + i).eval()
+    return models, configs
+
+
+def random_models(size: str = "tiny", seed: int = 0, inpainting: bool = False, family: str | None = None):
+    """random_stages' networks as a tuple in the family's stage order, then the configs:
+    (text_encoder, unet, vae, configs) for SD 1.x and 2.x."""
+    models, configs = random_stages(size, seed, inpainting, family)
+    return (*models.values(), configs)
 
 
 def random_checkpoint(path, size: str = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -185,6 +203,6 @@ def random_checkpoint(path, size: str = "tiny", dtype: torch.dtype = torch.float
     if Path(path).exists():  # check before spending seconds on random weights
         raise FileExistsError(f"{path} already exists; not overwritten (delete it or pick another path)")
     family = random_family(family, inpainting)
-    text_encoder, unet, vae, configs = random_models(size, seed, family=family.name)
-    return write_single_file(path, text_encoder, unet, vae, dtype=dtype, family=family,
+    models, configs = random_stages(size, seed, family=family.name)
+    return write_single_file(path, models, dtype=dtype, family=family,
                              configs=configs if size == "tiny" else None, random_weights=True)

@@ -122,7 +122,6 @@ def full_pipeline():
     from transformers import CLIPTokenizer as HFTokenizer
 
     from ldm.pipeline import Pipeline
-    from ldm.tokenizer import CLIPTokenizer
 
     te, hf_te = ref_clip.full_pair()
     unet, d_unet = ref_unet.full_pair()
@@ -132,7 +131,7 @@ def full_pipeline():
     base = StableDiffusionPipeline(vae=d_vae, text_encoder=hf_te, tokenizer=HFTokenizer.from_pretrained(folder),
                                    unet=d_unet, scheduler=as_pipeline_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    return Pipeline(CLIPTokenizer(), te, unet, vae, name="random-full"), base
+    return Pipeline({"text_encoder": te, "unet": unet, "vae": vae}, name="random-full"), base
 
 
 def as_pipeline_scheduler():

@@ -52,6 +52,10 @@ def diffusers_unet_config(cfg: UNetConfig) -> dict:
         freq_shift=0,
         act_fn="silu",
         use_linear_projection=cfg.use_linear_in_transformer,
+        # a vector y through label_emb: diffusers' class embedding of type "projection" is the same MLP
+        # (linear_1, SiLU, linear_2) added to the time embedding; its converter maps label_emb.0.{0,2} to it
+        **({} if cfg.adm_in_channels is None else
+           dict(class_embed_type="projection", projection_class_embeddings_input_dim=cfg.adm_in_channels)),
     )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm import cli
+from ldm import cli, memory
 
 
 @pytest.fixture
@@ -298,7 +298,7 @@ def _memory_of(h, w, n, **kw):
     from ldm import checkpoint, weights
 
     cfgs = weights.configs_for(checkpoint.read("weights/random-tiny.safetensors"))
-    return sum(cli.working_memory(cfgs["unet"], cfgs["vae"], h, w, n, **kw))
+    return sum(memory.working_memory(cfgs["unet"], cfgs["vae"], h, w, n, **kw))
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -309,7 +309,7 @@ def test_more_than_the_machine_holds_is_refused_with_the_limit(with_tiny, capsys
     import re
 
     gib = 2**30
-    monkeypatch.setattr(cli, "available_memory", lambda device: 2 * gib)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2 * gib)
     rc, out, err = run(capsys, "generate", "a dog", *argv, "-q")
     assert rc == 1 and out == ""
     assert_one_line(err, expected, "GiB and this machine has 2.0 GiB of RAM free")
@@ -328,10 +328,29 @@ def test_img2img_of_an_image_too_big_for_memory_names_the_image(with_tiny, capsy
     from PIL import Image
 
     Image.new("RGB", (512, 512)).save("big.png")
-    monkeypatch.setattr(cli, "available_memory", lambda device: 2**20)  # 1 MiB
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**20)  # 1 MiB
     rc, _, err = run(capsys, "img2img", "a dog", "--image", "big.png", "-q")
     assert rc == 1
     assert_one_line(err, "--image big.png (512x512): an image of 512x512 needs about", "0.0 GiB of RAM free")
+
+
+def test_the_memory_checks_are_the_librarys_and_the_cli_prints_their_line(with_tiny, capsys, monkeypatch):
+    """ldm.memory from Python: check_fits and check_device raise ValueErrors whose message is the line
+    the command prints after `ldm: error: `."""
+    import ldm
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**30)
+    pipe = ldm.load("weights/random-tiny.safetensors", device="cpu")
+    with pytest.raises(memory.DoesNotFit) as caught:
+        memory.check_fits(pipe, 100000, 100000, 1, "--size 100000x100000", steps=25, guidance=7.5)
+    assert isinstance(caught.value, ValueError)
+    rc, _, err = run(capsys, "generate", "a dog", "--size", "100000x100000", "-q")
+    assert rc == 1 and err == f"ldm: error: {caught.value}\n"
+    assert memory.check_fits(pipe, 64, 64, 1, "--size 64x64") is None  # fits: nothing to say
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert memory.check_device(None) == torch.device("cpu")
+    with pytest.raises(memory.DeviceError, match="^--device cuda: CUDA is not available"):
+        memory.check_device(torch.device("cuda"))
 
 
 def test_the_memory_estimate_lets_sd_run_where_it_runs():
@@ -341,7 +360,7 @@ def test_the_memory_estimate_lets_sd_run_where_it_runs():
     from ldm.vae import VAEConfig
 
     def gib(*a, **k):
-        return sum(cli.working_memory(UNetConfig(), VAEConfig(), *a, **k)) / 2**30
+        return sum(memory.working_memory(UNetConfig(), VAEConfig(), *a, **k)) / 2**30
 
     one = gib(512, 512, 1)
     assert 0.3 < one < 3, one

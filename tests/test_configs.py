@@ -67,7 +67,7 @@ def _meta_state(cls, config) -> dict:
 def test_full_size_shapes_give_exactly_the_familys_configs(family):
     fam = families.get(family)
     stages = {stage: _meta_state(fam.models[stage], fam.configs[stage]) for stage in families.STAGES}
-    ck = Checkpoint(None, "state_dict", family, **stages)
+    ck = Checkpoint(None, "state_dict", family, stages)
     assert from_tensors(ck) == dict(fam.configs)
     assert configs_for(ck) == dict(fam.configs)  # no metadata: the tensors
 

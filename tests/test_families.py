@@ -6,13 +6,14 @@ and its download listed); the prediction type flows from the file to the sampler
 folder's scheduler config: prediction type, timestep spacing, steps offset, each honoured and
 overridable, end to end against diffusers with v-prediction); a prediction-type override a family
 does not allow, or one a sampler cannot take, is a one-line error naming the allowed values; every
-option is checked before any work is done.
+option is checked before any work is done; and the promise that a family is data: a made-up family
+with a fourth stage and an extra conditioning vector, defined here as one record plus its classes,
+is written, read back strictly and generated through ldm.load with no other file changed.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -22,14 +23,18 @@ import ldm
 import ref_samplers
 import ref_sd
 from ldm import checkpoint, families, weights
-from ldm.unet import UNetConfig
+from ldm.clip import CLIPTextConfig, CLIPTextModel
+from ldm.conditioning import Conditioning
+from ldm.tokenizer import CLIPTokenizer
+from ldm.unet import UNetConfig, UNetModel
+from ldm.vae import AutoencoderKL, VAEConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")
 
 
 def test_every_record_is_consistent():
     for name, fam in families.FAMILIES.items():
-        assert fam.name == name and str(fam) == name and set(fam.prefixes) == set(families.STAGES)
+        assert fam.name == name and str(fam) == name and fam.stage_names == families.STAGES
         assert fam.prediction_type in fam.prediction_types
         for d in fam.downloads:
             assert d.size > 10**9 and len(d.sha256) == 64 and int(d.sha256, 16) >= 0 and d.repo.count("/") == 1
@@ -48,7 +53,8 @@ def test_every_record_is_consistent():
     assert {k: c for k, c in base.configs.items() if k != "unet"} == {k: c for k, c in v.configs.items() if k != "unet"}
     assert dataclasses.replace(base.configs["unet"], sample_size=96) == v.configs["unet"]
     assert set(families.downloads()) == {"sd-v1-5", "sd-v1-4", "sd-v1-5-inpainting", "sd-v2-1-base", "sd-v2-1"}
-    slot = dataclasses.replace(v, name="sd2-slot", configs=None, models=None)  # a slot: recognised, not built
+    slot = dataclasses.replace(v, name="sd2-slot", stages=tuple(  # a slot: recognised, not built
+        families.Stage(st.name, st.prefix) for st in v.stages))
     assert not slot.supported and slot.default_size is None and "not supported yet" in repr(slot)
     with pytest.raises(ValueError, match=r"^family='sd3' is unknown; valid: sd1, sd1-inpaint, sd2, sd2-v$"):
         families.get("sd3")
@@ -71,7 +77,8 @@ def test_a_new_family_is_one_entry(tmp_path, monkeypatch):
     sd1 = families.get("sd1")
     new = dataclasses.replace(  # the one entry: its name, detection trait, configs, download
         sd1, name="sd1-8ch", title="SD 1.x with 8 input channels", looks_like="an 8-channel SD 1.x checkpoint",
-        unet_in_channels=8, configs=MappingProxyType({**sd1.configs, "unet": UNetConfig(in_channels=8)}),
+        unet_in_channels=8, stages=families.sd_stages(sd1.prefixes, {**sd1.configs, "unet": UNetConfig(in_channels=8)},
+                                                      sd1.models, sd1.stage("text_encoder").tokenizer),
         downloads=(families.Download("eight", "someone/eight", "eight.safetensors", 2 * 10**9, "0" * 64),))
     monkeypatch.setitem(families.FAMILIES, new.name, new)
     ck = checkpoint.read(path)
@@ -196,3 +203,75 @@ def test_a_bad_scheduler_config_is_one_line(v_folder, tmp_path):
         with pytest.raises(checkpoint.CheckpointError) as err:
             checkpoint.read(folder)
         assert str(err.value) == f"{config_file}: {key}={value!r}; allowed: {allowed}"
+
+
+# ---- a family is data: a made-up family with a fourth stage and a conditioning vector -----------------
+@dataclasses.dataclass(frozen=True)
+class PoolerConfig:
+    width: int = 32     # the text tower's width
+    out: int = 8        # the vector the UNet takes (its adm_in_channels)
+
+
+class Pooler(torch.nn.Module):
+    """The made-up family's fourth stage: the prompt's context, averaged over its tokens, to a vector."""
+
+    def __init__(self, cfg: PoolerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.proj = torch.nn.Linear(cfg.width, cfg.out)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:  # (B, T, width) -> (B, out)
+        return self.proj(context.mean(1))
+
+
+class PooledVector:
+    """Its conditioner: the text tower's context, and the pooler's vector as y."""
+
+    def __call__(self, pipe, prompts, *, clip_skip=1, prompt_syntax="plain") -> Conditioning:
+        context = pipe.encode_prompt(prompts, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
+        return Conditioning(context, pipe.pooler(context.to(pipe.pooler.proj.weight.dtype)))
+
+
+def _toy_family() -> families.Family:
+    """One record: four stages (name, key prefix, config, class), its conditioner, its traits."""
+    configs = {"text_encoder": CLIPTextConfig.tiny(), "pooler": PoolerConfig(),
+               "unet": dataclasses.replace(UNetConfig.tiny(), adm_in_channels=8), "vae": VAEConfig.tiny()}
+    stages = (families.Stage("text_encoder", "cond_stage_model.transformer.", configs["text_encoder"], CLIPTextModel,
+                             CLIPTokenizer),
+              families.Stage("pooler", "cond_stage_model.pooler.", configs["pooler"], Pooler),
+              families.Stage("unet", "model.diffusion_model.", configs["unet"], UNetModel),
+              families.Stage("vae", "first_stage_model.", configs["vae"], AutoencoderKL))
+    return families.Family("toy", "a made-up family", "a made-up checkpoint", stages=stages, unet_in_channels=4,
+                           linear_proj=False, text_width_key="text_model.embeddings.token_embedding.weight",
+                           conditioner=PooledVector, tiny_configs=configs)
+
+
+def test_a_family_with_a_fourth_stage_and_a_vector_is_one_record(tmp_path, monkeypatch):
+    toy = _toy_family()
+    monkeypatch.setitem(families.FAMILIES, toy.name, toy)
+    path = weights.random_checkpoint(tmp_path / "toy.safetensors", family="toy", seed=3)
+    ck = checkpoint.read(path)
+    assert ck.family == "toy" and list(ck.stages()) == ["text_encoder", "pooler", "unet", "vae"]
+    assert set(ck.pooler) == {"proj.weight", "proj.bias"} and "label_emb.0.0.weight" in ck.unet
+    nets = weights.build_stages(ck)  # strict loading of every stage, the fourth included
+    models, _ = weights.random_stages("tiny", seed=3, family="toy")
+    for stage, net in nets.items():
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(v, models[stage].state_dict()[k], rtol=0, atol=0)
+
+    pipe = ldm.load(path, device="cpu")
+    assert pipe.family is toy and isinstance(pipe.pooler, Pooler) and pipe.unet.cfg.adm_in_channels == 8
+    kw = dict(steps=2, height=32, width=32, seed=0, progress=False)
+    first = pipe.generate("a red circle", negative_prompt="blue", **kw)
+    again = pipe.generate("a red circle", negative_prompt="blue", **kw)
+    torch.testing.assert_close(first.latents, again.latents, rtol=0, atol=0)
+    cond = pipe.condition(["a red circle", "blue"])
+    assert cond.context.shape == (2, 77, 32) and cond.y.shape == (2, 8)
+    with torch.no_grad():                        # the vector reaches the UNet: change it, the image changes
+        pipe.pooler.proj.bias.add_(1.0)
+    moved = pipe.generate("a red circle", negative_prompt="blue", **kw)
+    assert (moved.latents - first.latents).abs().max() > 1e-3
+    unguided = pipe.generate("a red circle", guidance=1.0, **kw)   # one branch: no unconditional pass
+    assert unguided.latents.shape == first.latents.shape
+    with pytest.raises(ValueError, match=r"UNetModel: y must be \(B=1, 8\), got None"):
+        pipe.unet(torch.zeros(1, 4, 4, 4), 10, cond.context[:1])

@@ -19,7 +19,7 @@ MICRO = ["--steps", "12", "--images", "6", "--batch", "4", "--invert-steps", "2"
 def tiny() -> Pipeline:
     """The tiny random networks (widths 32/64, the world's 64 x 64 images, 8 x 8 latents) as a Pipeline."""
     te, unet, vae, _ = weights.random_models("tiny", seed=0)
-    return Pipeline(CLIPTokenizer(), te, unet, vae, name="tiny-random")
+    return Pipeline({"text_encoder": te, "unet": unet, "vae": vae}, name="tiny-random")
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,9 @@ def test_file_is_kohya_and_round_trips(trained):
 
     base = run(te, unet)
     te2, unet2 = copy.deepcopy(te), copy.deepcopy(unet)
-    with lora.apply(te, unet, [(out, 1.0)], merge=True):
+    with lora.apply({"text_encoder": te, "unet": unet}, [(out, 1.0)], merge=True):
         merged = run(te, unet)
-    with lora.apply(te2, unet2, [(out, 1.0)], merge=False):
+    with lora.apply({"text_encoder": te2, "unet": unet2}, [(out, 1.0)], merge=False):
         hooked = run(te2, unet2)
     for m, h, b in zip(merged, hooked, base):
         torch.testing.assert_close(m, h, atol=1e-5, rtol=1e-4)

@@ -142,7 +142,7 @@ def test_odd_tensors_and_keys(tmp_path, models, write, match):
     path = tmp_path / ("odd.pt" if write is _int_keys else "odd.safetensors")
     write(path, unet)
     before = state(unet)
-    out = run_bounded(lambda: lora.apply(te, unet, [(path, 1.0)]), deadline_s=10)
+    out = run_bounded(lambda: lora.apply({"text_encoder": te, "unet": unet}, [(path, 1.0)]), deadline_s=10)
     message = assert_one_line_error(out, ERRORS, str(path), match=match, max_len=300)
     if write in (_alpha_empty, _alpha_two):
         assert "attn1_to_k" in message, message  # names the layer
@@ -159,7 +159,7 @@ def test_fp8_lora_is_read_as_float32(tmp_path, models):
     f32 = kohya_file(tmp_path / "f32.safetensors", unet, down.float(), up.float(), alpha=torch.tensor(1.0))
     results = []
     for path in (fp8, f32):
-        with lora.apply(te, unet, [(path, 1.0)]):
+        with lora.apply({"text_encoder": te, "unet": unet}, [(path, 1.0)]):
             results.append(unet.get_submodule(TO_K).weight.detach().clone())
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
@@ -184,14 +184,14 @@ def test_overflowing_lora_is_refused_before_any_weight_changes(tmp_path, models,
         unet = weights.random_models("tiny")[1].half()
     path = kohya_file(tmp_path / f"big-{case}.safetensors", unet, down, up, alpha)
     before = state(unet)
-    out = run_bounded(lambda: lora.apply(te, unet, [(path, weight)], merge=merge), deadline_s=10)
+    out = run_bounded(lambda: lora.apply({"text_encoder": te, "unet": unet}, [(path, weight)], merge=merge), deadline_s=10)
     message = assert_one_line_error(out, ERRORS, str(path), max_len=300)
     if case == "int weight":
         assert "not a finite number" in message, message
     else:
         assert TO_K in message and "weight" in message and "checkpoint" not in message, message
     with pytest.raises(lora.LoRAError):
-        lora.apply(te, unet, [(path, weight)], merge=merge)  # in this process: nothing merged, no hook left
+        lora.apply({"text_encoder": te, "unet": unet}, [(path, weight)], merge=merge)  # in this process: nothing merged, no hook left
     assert_unchanged(unet, before)
 
 
@@ -202,7 +202,7 @@ def test_a_good_lora_next_to_an_overflowing_one_is_not_merged(tmp_path, models):
     bad = kohya_file(tmp_path / "bad.safetensors", unet, torch.full((2, 32), 1e30), torch.full((32, 2), 1e30))
     before = state(unet)
     with pytest.raises(lora.LoRAError, match="bad.safetensors"):
-        lora.apply(te, unet, [(good, 1.0), (bad, 1.0)])
+        lora.apply({"text_encoder": te, "unet": unet}, [(good, 1.0), (bad, 1.0)])
     assert_unchanged(unet, before)
 
 
@@ -233,7 +233,7 @@ def test_file_provided_names_are_quoted_and_cut(tmp_path, models, case):
     else:
         path = tmp_path / "names.safetensors"
         save_file(sd, str(path))
-    out = run_bounded(lambda: lora.apply(te, unet, [(path, 1.0)]), deadline_s=20)
+    out = run_bounded(lambda: lora.apply({"text_encoder": te, "unet": unet}, [(path, 1.0)]), deadline_s=20)
     message = assert_one_line_error(out, ERRORS, str(path), max_len=600)
     assert "\\x1b" in message, message  # the name is there, escaped by repr
 

@@ -10,6 +10,7 @@ One test (or parametrized family) per defect class:
   two processes, one output      the second refuses (flock); a killed first one does not block later runs
 """
 import builtins
+import dataclasses
 import errno
 import io
 import os
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from bounded import assert_one_line_error, run_bounded
-from ldm import finetune, shapes, train
+from ldm import finetune, recipe, runfiles, shapes, train
 from test_finetune import MICRO as FT_MICRO, tiny
 from test_train import micro
 
@@ -126,14 +127,14 @@ def test_set_values_out_of_range_are_refused_up_front(tmp_path, item, shown, all
 
 
 def test_every_numeric_field_has_a_documented_range():
-    fields = {f.name: f.default for f in train.dataclasses.fields(train.TrainConfig)}
-    assert set(fields) == set(train.RANGES) | set(train.TUPLES) | {"out", "stage", "device"}
-    for name, allowed in train.RANGES.items():
+    fields = {f.name: f.default for f in dataclasses.fields(recipe.TrainConfig)}
+    assert set(fields) == set(recipe.RANGES) | set(recipe.TUPLES) | {"out", "stage", "device"}
+    for name, allowed in recipe.RANGES.items():
         assert fields[name] in allowed, (name, fields[name], allowed)  # the defaults are allowed
         too_big = allowed.hi + (1 if allowed.integer else allowed.hi)
         with pytest.raises(ValueError, match=f"--set {name}="):
             train.make_config({name: repr(too_big)})
-    for name, (fewest, most, each) in train.TUPLES.items():
+    for name, (fewest, most, each) in recipe.TUPLES.items():
         with pytest.raises(ValueError, match=f"--set {name}="):
             train.make_config({name: repr((1,) * (most + 1))})
 
@@ -307,6 +308,6 @@ def test_two_finetunes_to_one_out(tmp_path):
         assert not out.exists()
     finally:
         kill(first)
-    with train.output_lock(finetune.lock_path(out), f"--out {out}"):  # the killed one's lock is gone
+    with runfiles.output_lock(finetune.lock_path(out), f"--out {out}"):  # the killed one's lock is gone
         pass
     assert sorted(os.listdir(tmp_path)) == []

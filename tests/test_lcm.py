@@ -129,11 +129,10 @@ def test_img2img_matches_diffusers(reference, strength):
 def test_guidance_1_runs_one_unet_pass_per_step():
     """LCM-LoRA is used at guidance 1-2; at 1 the pipeline skips the unconditional half of the batch."""
     from ldm.pipeline import Pipeline
-    from ldm.tokenizer import CLIPTokenizer
     from ldm.weights import random_models
 
     te, unet, vae, _ = random_models("tiny", seed=0)
-    pipe = Pipeline(CLIPTokenizer(), te, unet, vae, name="random-tiny")
+    pipe = Pipeline({"text_encoder": te, "unet": unet, "vae": vae}, name="random-tiny")
     for guidance, batch in ((1.0, 1), (1.5, 2)):
         batches = []
         hook = unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))

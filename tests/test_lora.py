@@ -147,7 +147,7 @@ def diffusers_reference(te, unet, files: list[tuple[str, float]]):
         pipe.fuse_lora()
         fused = d_unet(x, t, encoder_hidden_states=ctx).sample, hf(input_ids=ids).last_hidden_state
     pipe.unload_lora_weights()
-    table = checkpoint.key_map(lora._unet_key_map_config(unet))
+    table = checkpoint.key_map(lora.layers._unet_key_map_config(unet))
     unet_sd = checkpoint.diffusers_to_compvis("unet", dict(d_unet.state_dict()), table)
     te_sd = ref_clip.hf_state_dict_to_ours(hf.state_dict())
     return unfused, fused, unet_sd, te_sd
@@ -165,11 +165,11 @@ def check_parity(te, unet, files, label):
     base = outputs(te, unet)
     unfused, fused, unet_sd, te_sd = diffusers_reference(te, unet, files)
     loras = [(lora.read(p), w) for p, w in files]
-    handle = lora.apply(te, unet, loras)
+    handle = lora.apply({"text_encoder": te, "unet": unet}, loras)
     errors = {"unet weights": max_weight_error(unet, unet_sd), "te weights": max_weight_error(te, te_sd)}
     merged = outputs(te, unet)
     handle.unmerge()
-    hooked_handle = lora.apply(te, unet, loras, merge=False)
+    hooked_handle = lora.apply({"text_encoder": te, "unet": unet}, loras, merge=False)
     hooked = outputs(te, unet)
     hooked_handle.unmerge()
     for what, ours, ref in (("merged", merged, fused), ("hooked", hooked, unfused)):
@@ -220,7 +220,7 @@ def test_kohya_compvis_names(models, tmp_path):
     ref_path = tmp_path / "cv-remapped.safetensors"
     save_file(remapped, str(ref_path))
     unfused, fused, unet_sd, _ = diffusers_reference(te, unet, [(ref_path, 1.0)])
-    handle = lora.apply(te, unet, [(lora.read(path), 1.0)])
+    handle = lora.apply({"text_encoder": te, "unet": unet}, [(lora.read(path), 1.0)])
     assert max_weight_error(unet, unet_sd) < ATOL
     torch.testing.assert_close(outputs(te, unet)[0], fused[0], rtol=1e-5, atol=ATOL)
     handle.unmerge()
@@ -233,7 +233,7 @@ def test_compvis_and_diffusers_names_merge_identically(models, tmp_path):
     merged = []
     for style in ("compvis", "diffusers"):
         path = write_kohya(tmp_path / f"{style}.safetensors", unet, layers, names=style)
-        with lora.apply(te, unet, [(path, 0.9)]) as handle:
+        with lora.apply({"text_encoder": te, "unet": unet}, [(path, 0.9)]) as handle:
             assert handle.num_modules == len(names)
             merged.append({k: v.clone() for k, v in unet.state_dict().items()})
     for k in merged[0]:
@@ -280,7 +280,7 @@ def test_legacy_text_encoder_keys_equal_peft(models, tmp_path):
     results = []
     for writer in (write_legacy, write_peft):
         path = writer(tmp_path / f"{writer.__name__}.safetensors", unet, {}, te_layers)
-        with lora.apply(te, unet, [(path, 1.0)]):
+        with lora.apply({"text_encoder": te, "unet": unet}, [(path, 1.0)]):
             results.append(outputs(te, unet)[1])
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
     assert (results[0] - outputs(te, unet)[1]).abs().max() > 1e-4
@@ -302,9 +302,9 @@ def test_unmerge_restores_the_same_tensors_and_checks_order(models, tmp_path):
     path = write_kohya(tmp_path / "k.safetensors", unet, random_layers(unet, names))
     w = unet.get_submodule(names[0]).weight
     ptr = w.data_ptr()
-    first = lora.apply(te, unet, [(path, 1.0)])
+    first = lora.apply({"text_encoder": te, "unet": unet}, [(path, 1.0)])
     assert w.data_ptr() != ptr
-    second = lora.apply(te, unet, [(path, 0.5)])
+    second = lora.apply({"text_encoder": te, "unet": unet}, [(path, 0.5)])
     with pytest.raises(lora.LoRAError, match="reverse order"):
         first.unmerge()
     second.unmerge()
@@ -319,7 +319,7 @@ def test_hooks_leave_weights_alone(models, tmp_path):
     base = outputs(te, unet)
     path = write_kohya(tmp_path / "k.safetensors", unet, random_layers(unet, targets(unet, ATTENTION + "|" + LOCON)))
     w = {k: v.clone() for k, v in unet.state_dict().items()}
-    handle = lora.apply(te, unet, [(path, 1.0)], merge=False)
+    handle = lora.apply({"text_encoder": te, "unet": unet}, [(path, 1.0)], merge=False)
     assert all(torch.equal(v, w[k]) for k, v in unet.state_dict().items())
     assert (outputs(te, unet)[0] - base[0]).abs().max() > 1e-3
     handle.unmerge()
@@ -383,21 +383,21 @@ def test_mismatches_fail_before_anything_changes(models, tmp_path):
     key = "lora_unet_" + diffusers_name(unet, targets(unet, r"attn2\.to_k$")[0]).replace(".", "_")
     save_file({f"{key}.lora_down.weight": t(4, 1024), f"{key}.lora_up.weight": t(32, 4)}, str(sd2))
     with pytest.raises(lora.LoRAError, match=r"sd2.safetensors: .*down \(4, 1024\).*expected down \(4, 32\)"):
-        lora.apply(te, unet, [(good, 1.0), (sd2, 1.0)])
+        lora.apply({"text_encoder": te, "unet": unet}, [(good, 1.0), (sd2, 1.0)])
     other = tmp_path / "other.safetensors"
     save_file({f"lora_unet_{n}.lora_down.weight": t(4, 32) for n in ("a_b", "c_d", "e_f")}
               | {f"lora_unet_{n}.lora_up.weight": t(32, 4) for n in ("a_b", "c_d", "e_f")}
               | {f"{key}.lora_down.weight": t(4, 32), f"{key}.lora_up.weight": t(32, 4)}, str(other))
     with pytest.raises(lora.LoRAError, match=r"3 of 4 unet LoRA names match no module .*'a_b'.*strict=False"):
-        lora.apply(te, unet, [(good, 1.0), (other, 1.0)])
+        lora.apply({"text_encoder": te, "unet": unet}, [(good, 1.0), (other, 1.0)])
     with pytest.raises(lora.LoRAError, match=r"weight 'strong' is not a finite number"):
-        lora.apply(te, unet, [(good, 1.0), (good, "strong")])
+        lora.apply({"text_encoder": te, "unet": unet}, [(good, 1.0), (good, "strong")])
     with pytest.raises(lora.LoRAError, match=r"te.safetensors: has 4 text_encoder layers but no text_encoder was given"):
-        lora.apply(None, unet, [(write_peft(tmp_path / "te.safetensors", unet, {},
+        lora.apply({"unet": unet}, [(write_peft(tmp_path / "te.safetensors", unet, {},
                                             random_layers(te, targets(te, TE_MLP))), 1.0)])
     for k, v in unet.state_dict().items():
         assert torch.equal(v, before[k]), k
-    with lora.apply(te, unet, [(other, 1.0)], strict=False) as handle:  # skips the 3, applies the 1
+    with lora.apply({"text_encoder": te, "unet": unet}, [(other, 1.0)], strict=False) as handle:  # skips the 3, applies the 1
         assert handle.num_modules == 1
 
 
@@ -450,7 +450,7 @@ def test_lcm_lora_layout_full_size(tmp_path):
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=d_unet, scheduler=None,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    with lora.apply(None, unet, [(small_path, 1.0)]):
+    with lora.apply({"unet": unet}, [(small_path, 1.0)]):
         pipe.load_lora_weights(str(small_path))
         errors = []
         try:

@@ -90,3 +90,63 @@ def test_the_readme_test_command_installs_proven_versions_and_ci_runs_it():
                  "nbclient", "nbconvert", "ipykernel", "pytest", "triton"):
         assert pins.get(name), f"constraints.txt pins no version of {name}"
     assert pins["torch"] == "2.13.0", "the CPU build on disk; a newer pin pulls several GB of CUDA packages"
+
+
+def _ldm_imports() -> dict[str, set[str]]:
+    """module -> the ldm modules it imports, at module level or inside functions (import x, from x import y,
+    from ldm import y: each resolved to the module, or the package, that defines the name)."""
+    import ast
+
+    files = {}
+    for p in sorted((ROOT / "ldm").rglob("*.py")):
+        parts = list(p.relative_to(ROOT).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+
+    def resolve(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from . import x
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                names = [f"{base}.{a.name}" if resolve(f"{base}.{a.name}") == f"{base}.{a.name}" else base
+                         for a in node.names]
+            else:
+                continue
+            found |= {r for n in names if n.startswith("ldm") and (r := resolve(n)) and r != module}
+        graph[module] = found
+    return graph
+
+
+def test_no_module_of_ldm_imports_one_that_imports_it_back():
+    """One floor per module: an import circle (cli <-> train, checkpoint <-> weights once) means two
+    concepts share a home. Every elementary path back to its start is reported."""
+    graph = _ldm_imports()
+    circles = set()
+
+    def walk(start, node, path):
+        for nxt in graph.get(node, ()):
+            if nxt == start:
+                circles.add(" -> ".join(path + [start]))
+            elif nxt not in path and len(path) < 12:
+                walk(start, nxt, path + [nxt])
+
+    for module in graph:
+        walk(module, module, [module])
+    assert not circles, f"import circles: {sorted(circles)[:5]}"
+
+
+def test_every_module_of_ldm_reads_in_a_sitting():
+    """The layout's rule: one stage per file, readable in one sitting, no module past 500 lines."""
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "ldm").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"modules past 500 lines: {long}"

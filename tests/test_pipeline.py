@@ -314,8 +314,8 @@ def test_any_multiple_of_8_pixels_works(tiny):
 def test_dtype_auto_takes_bf16_only_where_the_cpu_has_it(monkeypatch):
     """dtype="auto": bf16 UNet and text encoder on a CPU with native bf16, the VAE in fp32; fp32 on
     a CPU without (emulated bf16 is slower than fp32); fp16 on CUDA."""
-    from ldm import pipeline, weights
-    monkeypatch.setattr(pipeline, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    from ldm import memory, pipeline, weights
+    monkeypatch.setattr(memory, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     assert pipeline.default_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.bfloat16)
     assert pipeline.default_device_dtype("cuda", "auto")[1] == torch.float16
     fast = pipeline.load(weights.SHIPPED, device="cpu", dtype="auto")
@@ -324,7 +324,7 @@ def test_dtype_auto_takes_bf16_only_where_the_cpu_has_it(monkeypatch):
     a = np.asarray(fast("a red circle", steps=10, seed=0, progress=False)[0], np.float32)
     b = np.asarray(ref("a red circle", steps=10, seed=0, progress=False)[0], np.float32)
     assert np.abs(a - b).mean() < 8  # the same picture, to bf16's precision (0-255 scale)
-    monkeypatch.setattr(pipeline, "_cpu_flags", lambda: frozenset({"avx512f"}))
+    monkeypatch.setattr(memory, "_cpu_flags", lambda: frozenset({"avx512f"}))
     assert pipeline.default_device_dtype("cpu", "auto")[1] == torch.float32
     with pytest.raises(ValueError, match="dtype='fp8' is not supported"):
         pipeline.default_device_dtype("cpu", "fp8")

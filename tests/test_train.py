@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ldm import shapes, train
+from ldm import recipe, shapes, train
 from ldm.clip import CLIPTextModel
 from ldm.schedule import Schedule
 from ldm.tokenizer import CLIPTokenizer
@@ -56,6 +56,18 @@ def test_vae_loss_falls(tmp_path, monkeypatch):
     assert not (tmp_path / train.MODEL_FILE).exists()  # stage vae writes no model
 
 
+def test_add_noise_at_a_batch_of_t_is_the_schedules_q_at_each():
+    """recipe.add_noise (one t per image, for training) and Schedule.add_noise (one integer t, for
+    samplers) are the same q(x_t | x_0)."""
+    sched = Schedule.sd1()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    x_t = recipe.add_noise(x0, eps, t, sched.alpha_bar)
+    for i, ti in enumerate(t.tolist()):
+        torch.testing.assert_close(x_t[i], sched.add_noise(x0[i], eps[i], ti))
+
+
 def _eps_loss(text_encoder, unet, vae, scale):
     """The epsilon loss on a fixed held-out batch at fixed timesteps and noise."""
     x, captions = held_out_batch()
@@ -80,7 +92,7 @@ def test_latent_loss_falls_and_model_file(tmp_path):
     torch.manual_seed(cfg.seed + 1)  # train_latent's initial weights
     init = CLIPTextModel(cfg.text_config()), UNetModel(cfg.unet_config(vae.cfg))
     ck = torch.load(tmp_path / "latent.pt", weights_only=False)
-    trained = train.Denoiser(CLIPTextModel(cfg.text_config()), UNetModel(cfg.unet_config(vae.cfg)))
+    trained = recipe.Denoiser(CLIPTextModel(cfg.text_config()), UNetModel(cfg.unet_config(vae.cfg)))
     trained.load_state_dict(ck["model"])
     before = _eps_loss(*init, vae, scale)
     after = _eps_loss(trained.text_encoder, trained.unet, vae, scale)

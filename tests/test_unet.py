@@ -1,6 +1,7 @@
 """The UNet against diffusers' UNet2DConditionModel on the same weights: every block type, the
 whole model (tiny and full SD 1.x size), the backends against each other, the stored reference
 tensors, the architecture table, the inspection API and the error messages."""
+import dataclasses
 import re
 from pathlib import Path
 
@@ -85,6 +86,24 @@ def test_tiny_unet_matches_diffusers(tiny_pair, backend):
     x, t, ctx = inputs(ours.cfg, h=16, w=8)                  # non-square latent
     expected = ref(x, t, encoder_hidden_states=ctx).sample
     torch.testing.assert_close(ours(x, t, ctx, attention_backend=backend), expected, **TOL)
+
+
+@torch.no_grad()
+def test_a_vector_through_label_emb_matches_diffusers():
+    """UNetConfig.adm_in_channels: y (B, adm) through label_emb joins the time embedding (CompVis'
+    num_classes="sequential", SDXL's size and pooled-text vector) = diffusers' projection class embedding."""
+    pytest.importorskip("diffusers")
+    cfg = dataclasses.replace(UNetConfig.tiny(), adm_in_channels=12)
+    ours = ref_unet.ours(cfg, seed=5)
+    x, t, ctx = inputs(cfg)
+    y = torch.randn(2, 12, generator=torch.Generator().manual_seed(2))
+    ref = ref_unet.to_diffusers(ours)
+    torch.testing.assert_close(ours(x, t, ctx, y), ref(x, t, encoder_hidden_states=ctx, class_labels=y).sample, **TOL)
+    assert (ours(x, t, ctx, y) - ours(x, t, ctx, torch.zeros_like(y))).abs().max() > 1e-3  # y matters
+    with pytest.raises(ValueError, match=r"y must be \(B=2, 12\), got None"):
+        ours(x, t, ctx)
+    with pytest.raises(ValueError, match="this UNet takes no vector"):
+        ref_unet.ours(UNetConfig.tiny())(x, t, ctx, y)
 
 
 @pytest.mark.parametrize("h, w", [(9, 8), (7, 13), (5, 5)])

@@ -12,7 +12,7 @@
 One job per file:
 
     files.py             the bytes: safetensors (memory-mapped), torch zip pickles through the restricted
-                         unpickler (ldm.unpickle), diffusers folders and their scheduler config
+                         unpickler (unpickle.py), diffusers folders and their scheduler config
     diffusers_layout.py  the one key map between the diffusers layout and ours (key_map, format_key_map)
     detect.py            which family a file is (the rule is in its docstring), and the split into stages
     prediction.py        what the UNet predicts where the family leaves it open (SD 2.x: epsilon or v; the rule)
@@ -56,13 +56,15 @@ _read_file = read_file  # the name ldm.lora, ldm.prompt and the tests use for "o
 
 @dataclass
 class Checkpoint:
-    """Per-stage state dicts, keyed as our modules name them, and what was found."""
+    """Per-stage state dicts, keyed as our modules name them, and what was found.
+
+    `state_dicts` maps each stage of the family (ldm.families: "text_encoder", "unet", "vae", and
+    any others a family lists) to its state dict; ck.unet, ck.vae, ck.text_encoder (and ck.<stage>
+    for any other stage) are its entries."""
     path: Path | None
     format: str                                        # "safetensors" | "ckpt" | "diffusers" | "state_dict"
     family: str                                        # a name in ldm.families.FAMILIES: "sd1", "sd1-inpaint", ...
-    unet: dict[str, Tensor]
-    vae: dict[str, Tensor]
-    text_encoder: dict[str, Tensor]
+    state_dicts: dict[str, dict[str, Tensor]]          # stage -> its state dict, in the family's order
     ignored: dict[str, int] = field(default_factory=dict)   # what the file held that no stage uses
     metadata: dict[str, str] = field(default_factory=dict)  # a .safetensors header's __metadata__
     # what a diffusers folder's scheduler/scheduler_config.json says: prediction_type, timestep_spacing,
@@ -74,7 +76,15 @@ class Checkpoint:
     requested: str | None = None
 
     def stages(self) -> dict[str, dict[str, Tensor]]:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        """stage -> state dict (the mapping itself: building, writing and LoRAs iterate over it)."""
+        return self.state_dicts
+
+    def __getattr__(self, name: str):
+        """ck.unet, ck.text_encoder_2, ...: the state dict of the stage called `name`."""
+        stages = self.__dict__.get("state_dicts")
+        if stages is not None and name in stages:
+            return stages[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute or stage {name!r}")
 
     @property
     def record(self) -> Family:
@@ -138,7 +148,7 @@ def from_state_dict(state_dict: dict, *, path: str | Path | None = None, format:
     layout = detect.layout_of(where, raw.keys())
     stages, ignored = detect.split(where, raw, layout[0], ema)
     family = detect.family_of(where, stages, layout)
-    ck = Checkpoint(Path(path) if path else None, format, family.name, **stages, ignored=dict(ignored),
+    ck = Checkpoint(Path(path) if path else None, format, family.name, stages, ignored=dict(ignored),
                     metadata=dict(metadata or {}))
     twins = detect.twins(family, layout)  # the same network predicting other things (SD 2.x: 512-base, 768-v)
     if prediction_type is not None:       # step 1 of the rule: the caller's answer; no file entry, no UNet run
@@ -186,7 +196,7 @@ def read(path: str | Path, dtype: torch.dtype | None = None, *, ema: bool = Fals
             # its folder holds the tower as transformers' 23-layer CLIPTextModel, not open_clip's names
             raise CheckpointError(f"{path}: this looks like an {family.title} diffusers folder; ldm reads "
                                   f"{family.title} from its single-file checkpoint (.safetensors/.ckpt) only")
-        ck = Checkpoint(path, "diffusers", family.name, **stages, ignored=dict(ignored), scheduler=scheduler)
+        ck = Checkpoint(path, "diffusers", family.name, stages, ignored=dict(ignored), scheduler=scheduler)
         if prediction_type is not None:
             ck.requested = family.check_prediction_type(prediction_type)
     else:
@@ -208,8 +218,9 @@ def load_stage(module: torch.nn.Module, state_dict: dict[str, Tensor], stage: st
                family: str = "sd1", *, assign: bool = False, max_listed: int = 10, path=None):
     """module.load_state_dict(state_dict, strict=True), with a one-line error that names the
     file (`path`, when given) and lists what did not fit."""
-    if stage not in STAGES:
-        raise ValueError(f"stage={stage!r}; allowed: {list(STAGES)}")
+    stage_names = families.get(family).stage_names
+    if stage not in stage_names:
+        raise ValueError(f"stage={stage!r}; allowed: {list(stage_names)}")
     where = f"{path}: " if path is not None else ""
     what = f"{where}{stage} of a {family} checkpoint does not fit {type(module).__name__}"
     expected = module.state_dict()

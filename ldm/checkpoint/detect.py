@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ldm import families
 from ldm.checkpoint.errors import CheckpointError, supported_text, unsupported
+from ldm.clip import CLIPTextModel
 from ldm.families import Family
 
 __all__ = ["other_kind", "layout_of", "split", "family_of", "twins", "traits", "text_encoder_keys"]
@@ -53,14 +54,19 @@ def other_kind(where, raw: dict) -> None:
 
 
 def layout_of(where, keys) -> list[Family]:
-    """The families sharing the layout (prefixes) the keys use: the first whose text-encoder prefix
-    appears, else SD 1.x's (whose split then says what is missing). A layout of slots is refused."""
+    """The families sharing the layout (prefixes) the keys use: of the layouts whose every stage prefix
+    appears, the one with the most stages (a family with a fourth stage over SD 1.x's three); else the
+    first whose text-encoder prefix appears; else SD 1.x's (whose split then says what is missing).
+    A layout of slots is refused."""
     keys = [k for k in keys if isinstance(k, str)]
     layouts: dict[tuple, list[Family]] = {}
     for fam in families.FAMILIES.values():
         layouts.setdefault(tuple(sorted(fam.prefixes.items())), []).append(fam)
-    chosen = next((fams for fams in layouts.values()
-                   if any(k.startswith(fams[0].prefixes["text_encoder"]) for k in keys)), next(iter(layouts.values())))
+    present = {p for fams in layouts.values() for p in fams[0].prefixes.values() if any(k.startswith(p) for k in keys)}
+    whole = [fams for fams in layouts.values() if set(fams[0].prefixes.values()) <= present]
+    text = lambda fams: fams[0].prefixes.get("text_encoder")
+    chosen = (max(whole, key=lambda fams: len(fams[0].stages)) if whole else
+              next((fams for fams in layouts.values() if text(fams) in present), next(iter(layouts.values()))))
     if not any(f.supported for f in chosen):
         raise unsupported(where, chosen[0].looks_like)
     return chosen
@@ -83,7 +89,7 @@ def split(where, raw: dict, layout: Family, ema: bool) -> tuple[dict[str, dict[s
     """A CompVis single file -> {stage: state dict} with `layout`'s prefixes stripped, plus counts of
     what was left out (the EMA copy, schedule buffers, ...)."""
     prefixes = layout.prefixes
-    stages: dict[str, dict[str, Tensor]] = {s: {} for s in families.STAGES}
+    stages: dict[str, dict[str, Tensor]] = {s: {} for s in layout.stage_names}
     ignored: Counter = Counter()
     for key, t in raw.items():
         if not (isinstance(key, str) and isinstance(t, Tensor)):
@@ -106,8 +112,9 @@ def split(where, raw: dict, layout: Family, ema: bool) -> tuple[dict[str, dict[s
             if not isinstance(raw.get(flat), Tensor):
                 raise CheckpointError(f"{where}: ema=True but the file has no EMA copy of {key} ({flat})")
             stages["unet"][key] = raw[flat]
-    if prefixes["text_encoder"] == families.SD1_PREFIXES["text_encoder"]:
-        stages["text_encoder"] = text_encoder_keys(stages["text_encoder"], ignored)
+    for stage in layout.stages:  # transformers' CLIP naming (SD 1.x's text tower): one layout of its keys
+        if stage.model is CLIPTextModel:
+            stages[stage.name] = text_encoder_keys(stages[stage.name], ignored)
     for stage, sd in stages.items():
         if not sd:
             raise CheckpointError(f"{where}: no {prefixes[stage]}* tensors ({stage} missing); {supported_text()}.")

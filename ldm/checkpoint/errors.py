@@ -34,7 +34,8 @@ def supported_text() -> str:
     """What ldm reads, from the family records: the sentence every refusal ends with."""
     fams = families.supported()
     names = " and ".join(dict.fromkeys(f.title for f in fams))
-    prefixes = list(dict.fromkeys(f.prefixes[s] for s in families.STAGES for f in fams))  # unet, vae, text
+    prefixes = list(dict.fromkeys(f.prefixes[s] for s in ("unet", "vae", "text_encoder") for f in fams
+                                  if s in f.prefixes))
     keys = ", ".join(f"{p}*" for p in prefixes[:-1]) + f" and {prefixes[-1]}*"
     return (f"ldm reads {names} checkpoints: single files (.safetensors, .ckpt) with {keys} keys, "
             f"or diffusers folders (model_index.json, unet/, vae/, text_encoder/)")

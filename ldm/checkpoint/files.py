@@ -6,9 +6,9 @@
     read_scheduler_config(path)                                     its prediction type, spacing, offset
 
 `.safetensors` files are memory-mapped (tensors are views of the file, no second copy in RAM);
-pickled `.ckpt` files are read by ldm.unpickle's restricted unpickler, which never imports or
-calls anything the file names, lets BUILD touch only inert stand-ins, bounds every size by the
-file's real content, and refuses a pickle that tries to call code (UnsafeCheckpointError).
+pickled `.ckpt` files are read by ldm.checkpoint.unpickle's restricted unpickler, which never
+imports or calls anything the file names, lets BUILD touch only inert stand-ins, bounds every size
+by the file's real content, and refuses a pickle that tries to call code (UnsafeCheckpointError).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ldm import unpickle
+from ldm.checkpoint import unpickle
 from ldm.checkpoint.detect import text_encoder_keys
 from ldm.checkpoint.diffusers_layout import KeyMapConfig, diffusers_to_compvis, key_map
 from ldm.checkpoint.errors import CheckpointError, UnsafeCheckpointError, one_line, supported_text, unsupported
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 DIFFUSERS_STAGES = ("unet", "vae", "text_encoder")  # the folders a diffusers pipeline keeps its networks in
 
 
-# 1. Pickled checkpoints (.ckpt/.pt/.bin): ldm.unpickle's Corrupt / Refused become the errors below
+# 1. Pickled checkpoints (.ckpt/.pt/.bin): unpickle's Corrupt / Refused become the errors below
 def _read_torch_zip(path: Path) -> object:
     try:
         obj, stand_ins = unpickle.read_torch_zip(path)

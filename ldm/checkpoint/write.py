@@ -1,6 +1,7 @@
 """Writing checkpoints: our networks as a CompVis single file, the inverse of reading one.
 
     write_single_file("my.safetensors", text_encoder, unet, vae)       # SD 1.x layout, never overwrites
+    write_single_file("my.safetensors", {"text_encoder": te, "unet": unet, "vae": vae}, family="sd1")
     single_file_state_dict(text_encoder, unet, vae, family="sd1")      # the dict it writes
 
 It prefixes each state dict the way the original CompVis single-file checkpoints do (the family's
@@ -16,6 +17,7 @@ that says 512-base (epsilon) or 768-v (v), and ldm/checkpoint/prediction.py read
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 import tempfile
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from ldm.checkpoint.configs import CONFIG_METADATA_KEY, configs_metadata
 from ldm.checkpoint.prediction import MODELSPEC_NAME
 from ldm.families import Family
 
-__all__ = ["CONFIG_METADATA_KEY", "RANDOM_METADATA_KEY", "single_file_state_dict", "write_single_file",
+__all__ = ["CONFIG_METADATA_KEY", "RANDOM_METADATA_KEY", "single_file_state_dict", "write_single_file", "stage_modules",
            "modelspec_metadata", "write_new"]
 
 # Safetensors metadata entry marking a checkpoint of random weights (ldm.weights.random_checkpoint writes it).
@@ -86,22 +88,38 @@ def _schedule_buffers(family: Family) -> dict[str, torch.Tensor]:
             "alphas_cumprod_prev": torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])}
 
 
-def single_file_state_dict(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module,
-                           family: str | Family = "sd1") -> dict:
-    """All three networks under the family's single-file prefixes, plus the schedule buffers."""
+def stage_modules(models: tuple, family: Family) -> dict[str, nn.Module]:
+    """The networks a writer was given, as stage -> module: one mapping (stage name -> module), or the
+    modules in the family's stage order (SD: text_encoder, unet, vae)."""
+    if len(models) == 1 and isinstance(models[0], Mapping):
+        given = dict(models[0])
+    elif len(models) == len(family.stages):
+        given = dict(zip(family.stage_names, models))
+    else:
+        raise ValueError(f"{len(models)} networks given; the {family.name} family has {len(family.stages)} stages "
+                         f"({', '.join(family.stage_names)}): pass them in that order, or one dict stage -> module")
+    if set(given) != set(family.stage_names):
+        raise ValueError(f"networks for {sorted(given)}; the {family.name} family's stages are "
+                         f"{list(family.stage_names)}")
+    return {name: given[name] for name in family.stage_names}
+
+
+def single_file_state_dict(*models, family: str | Family = "sd1") -> dict:
+    """Every stage's network under the family's single-file prefixes, plus the schedule buffers.
+    `models`: the networks in the family's stage order, or one dict stage -> module."""
     family = families.get(family)
     sd = _schedule_buffers(family)
-    for stage, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+    for stage, module in stage_modules(models, family).items():
         sd.update({family.prefixes[stage] + k: v for k, v in module.state_dict().items()})
     return sd
 
 
-def write_single_file(path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module,
-                      dtype: torch.dtype | None = None, configs: dict | None = None,
+def write_single_file(path, *models, dtype: torch.dtype | None = None, configs: dict | None = None,
                       random_weights: bool = False, metadata: dict[str, str] | None = None,
                       family: str | Family = "sd1") -> Path:
     """Write a .safetensors or .ckpt in the family's single-file layout (SD 1.x's by default).
-    Never overwrites a file.
+    Never overwrites a file. `models`: the networks in the family's stage order (SD: text_encoder,
+    unet, vae), or one dict stage -> module.
 
     `configs`, when given, is stored in the safetensors metadata so `build` can rebuild
     networks whose shapes are not SD 1.x's, and `random_weights=True` marks the file as random
@@ -124,7 +142,7 @@ def write_single_file(path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Mo
             raise ValueError(f"metadata= needs a .safetensors path (a .ckpt has no metadata); got {str(path)!r}")
     if path.exists():  # checked before the work; write_new checks again, atomically
         raise FileExistsError(f"{path} already exists; not overwritten (delete it or pick another path)")
-    sd = single_file_state_dict(text_encoder, unet, vae, family)
+    sd = single_file_state_dict(*models, family=family)
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
           for k, v in sd.items()}
     if path.suffix == ".safetensors":

@@ -24,7 +24,8 @@ pickle machine, so each opcode that can touch an object is ours to check):
   (a stride-0 view of one number could otherwise claim 16 GiB).
 
 Broken or oversized files raise Corrupt, pickles that want to run code or touch the process
-raise Refused; ldm.checkpoint turns both into its one-line errors naming the file.
+raise Refused; ldm.checkpoint.files (and ldm.runfiles, for a training run's checkpoints) turn both
+into one-line errors naming the file.
 """
 from __future__ import annotations
 
