@@ -288,8 +288,7 @@ def cmd_download(args) -> None:
 
 
 def _add_generation_options(s, size_default: str):
-    from ldm.sampler_common import PREDICTION_TYPES
-    from ldm.samplers import SAMPLERS
+    from ldm.samplers import PREDICTION_TYPES, SAMPLERS
 
     s.add_argument("prompt")
     s.add_argument("--checkpoint", help="default: $LDM_CHECKPOINT, else the first real one in weights/, "

@@ -58,7 +58,7 @@ from ldm.conditioning import Conditioning
 from ldm.families import Family
 from ldm.memory import AUTO_TILE_LATENT, cpu_has_native_bf16, default_device_dtype  # noqa: F401 (re-exported)
 from ldm.options import PROMPT_SYNTAXES, Options
-from ldm.sampler_common import check_prediction_type, randn
+from ldm.samplers.common import check_prediction_type, randn
 from ldm.schedule import Schedule
 
 __all__ = ["load", "Pipeline", "Result", "Options", "LoadedLoRA", "NonFiniteError", "default_device_dtype",

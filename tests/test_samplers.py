@@ -84,7 +84,7 @@ def test_matches_diffusers_step_for_step(name, spacing, karras, eta, dtype):
 
 @pytest.mark.parametrize("name", samplers.SAMPLERS)
 def test_default_spacing_and_every_prediction_type_match_diffusers(name):
-    """eps, v and x0 predictions, each converted by the one function (ldm.sampler_common.predict_x0_eps),
+    """eps, v and x0 predictions, each converted by the one function (ldm.samplers.common.predict_x0_eps),
     for every prediction type the sampler's registry entry takes (all the reference scheduler takes)."""
     pytest.importorskip("diffusers")
     if name == "lms":
@@ -133,7 +133,7 @@ def test_img2img_restarts_multistep_history(name):
         assert [c[1] for c in calls] == expected_t
     else:
         x = init + noise * sigmas[start]
-        expected = samplers.k_samplers.lms(smooth_eps, x, t, sigmas, start=start)
+        expected = samplers.lms(smooth_eps, x, t, sigmas, start=start)
         assert [c[1] for c in calls] == [float(v) for v in t[start:]]
     torch.testing.assert_close(calls[0][0], x if name == "pndm" else x / (sigmas[start] ** 2 + 1) ** 0.5,
                                rtol=0, atol=0)

@@ -48,7 +48,7 @@ def test_integer_timesteps_equal_ddim(diffusers, spacing):
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("karras", [False, True])
 def test_sigma_grid_equals_euler(diffusers, spacing, karras):
-    from ldm.k_samplers import sigma_grid
+    from ldm.samplers.sigma_space import sigma_grid
     for steps in [1, 2, 7, 20, 50, 333]:
         ref = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                steps_offset=1, timestep_spacing=spacing, use_karras_sigmas=karras)
@@ -59,7 +59,7 @@ def test_sigma_grid_equals_euler(diffusers, spacing, karras):
 
 
 def test_tiny_schedule_grid_equals_reference(diffusers):
-    from ldm.k_samplers import sigma_grid
+    from ldm.samplers.sigma_space import sigma_grid
     tiny = Schedule.tiny()
     ref = diffusers.EulerDiscreteScheduler(num_train_timesteps=100, beta_start=tiny.beta_start,
                                            beta_end=tiny.beta_end, beta_schedule="scaled_linear")

@@ -24,7 +24,7 @@ from ldm.checkpoint import unpickle
 from ldm.checkpoint.detect import text_encoder_keys
 from ldm.checkpoint.diffusers_layout import KeyMapConfig, diffusers_to_compvis, key_map
 from ldm.checkpoint.errors import CheckpointError, UnsafeCheckpointError, one_line, supported_text, unsupported
-from ldm.sampler_common import PREDICTION_TYPES
+from ldm.samplers.common import PREDICTION_TYPES
 from ldm.schedule import SPACINGS
 
 __all__ = ["read_file", "safetensors_metadata", "read_diffusers_folder", "read_scheduler_config", "DIFFUSERS_STAGES"]

@@ -1,31 +1,11 @@
-"""Samplers: turn a noise-predicting network into an image latent. One entry point, `sample`.
+"""DDPM-space samplers (the latent is x_t itself): DDIM, DDPM, PNDM/PLMS, DPM-Solver++(2M) and LCM.
 
-    from ldm import schedule, samplers
-    sched = schedule.Schedule.sd1()
-    x0 = samplers.sample("euler", eps_fn, noise, steps=25, schedule=sched, generator=g)
+LCM is the few-step sampler of latent consistency models and LCM-LoRA. Use them through
+`ldm.samplers.sample("ddim", ...)` (their registry entries are in registry.py); this module holds the
+loops, their single steps and their grids, and imports its helpers from common.py. Every loop converts
+the network's output (eps, v or x_0) with common.predict_x0_eps.
 
-`eps_fn(x_t, t) -> out` is the network in DDPM parametrisation (x_t = sqrt(alpha_bar_t) x_0 +
-sqrt(1 - alpha_bar_t) eps), with t a 0-dim float32 tensor (fractional for the sigma-space
-samplers). `out` is what the network was trained to predict, its `prediction_type`: eps
-("epsilon", SD 1.x), v ("v_prediction", SD 2.x 768-v) or x_0 ("sample"); every sampler converts it
-with ldm.sampler_common.predict_x0_eps, written once. `noise` is the standard-normal draw; `sample`
-multiplies it by the sampler's initial sigma itself. Each sampler passes eps_fn exactly the (x, t)
-sequence that diffusers' pipeline passes its UNet for the matching scheduler (configured as SD 1.x
-configures it), and draws its random noise from `generator` in the same order, shapes and dtypes,
-so results match diffusers step for step.
-
-This file holds the DDPM-space samplers (the latent is x_t itself): DDIM, DDPM, PNDM/PLMS, DPM++ 2M,
-and LCM (the few-step sampler of latent consistency models and LCM-LoRA), and the registry of all
-of them. The sigma-space ones (Euler, Euler ancestral, Heun, LMS) are in ldm/k_samplers.py; the
-helpers both files use (the prediction conversion, noise draws, the step's end, the registry's
-entry type) are in ldm/sampler_common.py.
-
-Adding a sampler is one entry: write its loop (here, or in k_samplers.py if it works in sigma
-space) and add one `Sampler(...)` line to REGISTRY at the bottom of this file (name, space, default
-spacing, Karras allowed, the loop, its grid). `sample`, SAMPLERS, DEFAULT_SPACING, the pipeline's
-checks, the CLI's --scheduler choices and the tests that run every sampler all read the registry.
-
-Notation:
+Notation (shared with sigma_space.py):
 
     symbol            code              meaning
     T                 T                 training timesteps (1000)
@@ -41,21 +21,18 @@ Notation:
     eta               eta               DDIM stochasticity: 0 deterministic, 1 = DDPM posterior
     c_skip, c_out     c_skip, c_out     LCM's boundary-condition weights of x_t and x0_pred
 
-All samplers are pure: they read the grid, keep their history (PLMS's eps list, DPM's x0 list) in
-local variables, never edit the caller's tensors, and need no set-up call.
+Every sampler takes the whole grid and a start index `start` (img2img skips the first steps), keeps
+its history (PLMS's eps list, DPM's x0 list) in local variables, and returns the final x.
 """
 from __future__ import annotations
 
 import torch
 
-from ldm import k_samplers
-from ldm.sampler_common import (PREDICTION_TYPES, Callback, EpsFn, Sampler, StepHook, check_prediction_type,
-                                end_step, predict_x0_eps, randn)
-from ldm.schedule import SPACINGS, Schedule, img2img_start_step, karras_sigmas
+from ldm.samplers.common import Callback, EpsFn, StepHook, end_step, predict_x0_eps, randn
+from ldm.schedule import Schedule, karras_sigmas
 
-__all__ = ["REGISTRY", "SAMPLERS", "PREDICTION_TYPES", "DEFAULT_SPACING", "sample", "check", "sampler_grid",
-           "initial_latent", "noised_latent", "ddim", "ddpm", "pndm", "dpmpp_2m", "lcm", "ddim_step", "ddpm_step",
-           "pndm_transfer", "lcm_timesteps", "lcm_boundary"]
+__all__ = ["ddim", "ddpm", "pndm", "dpmpp_2m", "lcm", "ddim_step", "ddpm_step", "pndm_transfer", "alpha_sigma",
+           "lcm_timesteps", "lcm_boundary", "ddpm_grid", "dpm_grid", "lcm_grid"]
 
 LCM_ORIGINAL_STEPS = 50  # the grid LCM was distilled on: every T // 50-th timestep (diffusers' default)
 LCM_TIMESTEP_SCALING = 10.0
@@ -172,7 +149,7 @@ def pndm(eps_fn: EpsFn, x, t, sched: Schedule, *, start=0, prediction_type="epsi
 
 
 # ---- DPM-Solver++ (2M) -----------------------------------------------------------------------
-def _alpha_sigma(sigma):
+def alpha_sigma(sigma):
     """VP coefficients of a sigma-space noise level: alpha = 1 / sqrt(1 + sigma^2), sigma_vp = sigma alpha."""
     alpha = 1 / ((sigma**2 + 1) ** 0.5)
     return alpha, sigma * alpha
@@ -186,8 +163,8 @@ def dpmpp_2m(eps_fn: EpsFn, x, t, sigmas, *, start=0, prediction_type="epsilon",
     """
     x0_prev = None
     for i in range(start, len(t)):
-        alpha_s, sigma_s = _alpha_sigma(sigmas[i])
-        alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
+        alpha_s, sigma_s = alpha_sigma(sigmas[i])
+        alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
         out = eps_fn(x, t[i].float().to(x.device))
         x0_pred, _ = predict_x0_eps(out, x, prediction_type, alpha=alpha_s, sigma=sigma_s)  # 1. data prediction
         lam_s = torch.log(alpha_s) - torch.log(sigma_s)  # 2. half log-SNR; lambda_t = inf at sigma = 0
@@ -196,7 +173,7 @@ def dpmpp_2m(eps_fn: EpsFn, x, t, sigmas, *, start=0, prediction_type="epsilon",
         if x0_prev is None or i == len(t) - 1:  # 3a. first order: DPM-Solver++ 1 (eq. 9, = DDIM)
             x_next = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0_pred
         else:  # 3b. second order: extrapolate x0 linearly in lambda (r = h_prev / h)
-            alpha_prev, sigma_prev = _alpha_sigma(sigmas[i - 1])
+            alpha_prev, sigma_prev = alpha_sigma(sigmas[i - 1])
             r = (lam_s - (torch.log(alpha_prev) - torch.log(sigma_prev))) / h
             D0, D1 = x0_pred, (1.0 / r) * (x0_pred - x0_prev)
             x_next = ((sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * D0
@@ -281,132 +258,3 @@ def dpm_grid(schedule: Schedule, steps: int, spacing: str, karras: bool = False)
 def lcm_grid(schedule: Schedule, steps: int, spacing: str, karras: bool = False):
     """LCM walks its own grid (lcm_timesteps) whatever the spacing, like diffusers."""
     return lcm_timesteps(schedule, steps).float(), None
-
-
-# ---- the registry: one entry per sampler ---------------------------------------------------------
-# name, space, default spacing (diffusers' default for the matching scheduler: SD 1.x's config names
-# none), Karras sigmas allowed, the loop, its grid, a one-line summary; then what is not the default.
-REGISTRY: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("ddim", "ddpm", "leading", False, ddim, ddpm_grid, "DDIM (Song et al. 2020, eq. 12)", eta=True),
-    Sampler("ddpm", "ddpm", "leading", False, ddpm, ddpm_grid, "DDPM ancestral sampling (Ho et al. 2020, Alg. 2)"),
-    Sampler("pndm", "ddpm", "leading", False, pndm, ddpm_grid, "PLMS, SD 1.x's original (Liu et al. 2022, eq. 12)",
-            prediction_types=("epsilon", "v_prediction")),
-    Sampler("euler", "sigma", "linspace", True, k_samplers.euler, k_samplers.sigma_grid,
-            "Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1)"),
-    Sampler("euler_a", "sigma", "linspace", True, k_samplers.euler_ancestral, k_samplers.sigma_grid,
-            "Euler ancestral (k-diffusion)", prediction_types=("epsilon", "v_prediction")),
-    Sampler("heun", "sigma", "linspace", True, k_samplers.heun, k_samplers.sigma_grid,
-            "Heun, 2nd order, 2 calls per step (Karras et al. 2022, Alg. 2)"),
-    Sampler("lms", "sigma", "linspace", True, k_samplers.lms, k_samplers.sigma_grid, "linear multistep (k-diffusion)"),
-    Sampler("dpmpp_2m", "ddpm", "linspace", True, dpmpp_2m, dpm_grid, "DPM-Solver++(2M) (Lu et al. 2022, Alg. 2)"),
-    Sampler("lcm", "ddpm", "leading", False, lcm, lcm_grid, "latent consistency, 2-8 steps (Luo et al. 2023, Alg. 1)",
-            check_steps=lambda schedule, steps: lcm_timesteps(schedule, steps)),  # steps <= LCM_ORIGINAL_STEPS
-)}
-
-SAMPLERS = tuple(REGISTRY)
-SIGMA_SPACE = tuple(n for n, s in REGISTRY.items() if s.space == "sigma")
-DEFAULT_SPACING = {n: s.default_spacing for n, s in REGISTRY.items()}
-
-
-# ---- the entry point ----------------------------------------------------------------------------
-def sampler_grid(name: str, schedule: Schedule, steps: int, spacing: str | None = None, karras: bool = False):
-    """(t, sigmas): the N timesteps a sampler calls eps_fn at, and (for sigma-space and DPM) N+1 sigmas."""
-    entry = REGISTRY[name]
-    return entry.grid_fn(schedule, steps, spacing or entry.default_spacing, karras)
-
-
-def initial_latent(name: str, noise: torch.Tensor, sigmas: torch.Tensor | None, spacing: str) -> torch.Tensor:
-    """x at the first step from a standard-normal draw: noise times the sampler's init_noise_sigma.
-
-    1 for the DDPM-space samplers; sigma_max for sigma-space ones, or sqrt(sigma_max^2 + 1) with
-    "leading" spacing (diffusers' convention).
-    """
-    if REGISTRY[name].space != "sigma":
-        return noise
-    sigma_max = sigmas.max()
-    return noise * (sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5)
-
-
-def noised_latent(name: str, x0: torch.Tensor, noise: torch.Tensor, i: int, t: torch.Tensor,
-                  sigmas: torch.Tensor | None, schedule: Schedule) -> torch.Tensor:
-    """x0 noised to the level of grid point i, in the sampler's own latent space (q(x_t | x_0)).
-
-    (t, sigmas) is sampler_grid's output; i = len(t) means "after the last step": x0 itself.
-    Sigma space: x0 + sigma_i noise; DDPM space on a sigma grid (DPM++): alpha x0 + sigma_vp noise at
-    sigma_i; DDPM space on the schedule: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise at t_i
-    (diffusers' add_noise).
-    """
-    if i == len(t):
-        return x0
-    if REGISTRY[name].space == "sigma":  # x = x_0 + sigma eps
-        return x0 + noise * sigmas[i].to(x0.dtype)
-    if sigmas is not None:  # x = alpha x_0 + sigma_vp eps at sigma_i
-        alpha, sigma_vp = _alpha_sigma(sigmas[i].to(x0.dtype))
-        return alpha * x0 + sigma_vp * noise
-    return schedule.add_noise(x0, noise, int(t[i]))
-
-
-def check(name, steps, schedule, spacing=None, karras=False, eta=0.0, prediction_type="epsilon") -> Sampler:
-    """The registry entry of `name`, after checking that it takes these settings (one-line ValueErrors)."""
-    if name not in REGISTRY:
-        raise ValueError(f"sampler {name!r} is unknown; valid: {', '.join(SAMPLERS)}")
-    entry = REGISTRY[name]
-    schedule.check_steps(steps)
-    if entry.check_steps is not None:
-        entry.check_steps(schedule, steps)
-    if spacing is not None and spacing not in SPACINGS:
-        raise ValueError(f"spacing={spacing!r} is unknown; valid: {', '.join(SPACINGS)}")
-    if karras and not entry.karras:
-        raise ValueError(f"karras=True is not available for {name!r}; it works with: "
-                         f"{', '.join(n for n, s in REGISTRY.items() if s.karras)}")
-    if not eta >= 0:
-        raise ValueError(f"eta={eta!r} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
-    if eta > 0 and not entry.eta:
-        raise ValueError(f"eta={eta!r} only applies to {', '.join(repr(n) for n, s in REGISTRY.items() if s.eta)}, "
-                         f"not {name!r}; leave eta=0")
-    check_prediction_type(prediction_type)
-    if prediction_type not in entry.prediction_types:
-        raise ValueError(f"prediction_type={prediction_type!r} is not available for {name!r}; valid: "
-                         f"{', '.join(entry.prediction_types)}")
-    return entry
-
-
-def sample(name: str, eps_fn: EpsFn, noise: torch.Tensor, steps: int, schedule: Schedule | None = None, *,
-           generator: torch.Generator | list[torch.Generator] | None = None, callback: Callback = None,
-           spacing: str | None = None,
-           karras: bool = False, eta: float = 0.0, prediction_type: str = "epsilon",
-           init: torch.Tensor | None = None, strength: float = 1.0, step_hook: StepHook = None) -> torch.Tensor:
-    """Run sampler `name` for `steps` steps and return the final latent x_0 (same shape as noise).
-
-    name: one of SAMPLERS. noise: N(0, I) of the latent's shape (scaled here by the initial sigma).
-    schedule: defaults to Schedule.sd1(). generator: the source of the noise DDPM, Euler ancestral,
-    LCM and DDIM with eta > 0 add during sampling (a list: one generator per batch row). callback(i, x, x0_pred)
-    runs after step i (0..N-1) with the new latent and the x_0 estimate that drove the step.
-    spacing: None picks the reference's default for that sampler (DEFAULT_SPACING); LCM ignores it. karras: Karras
-    sigmas (the entries with karras=True). eta: DDIM only. prediction_type: what eps_fn returns, "epsilon",
-    "v_prediction" or "sample" (the entry's prediction_types).
-    img2img: pass init (the encoded image latent, already times the VAE's scaling factor) and strength in [0, 1];
-    the first img2img_start_step(steps, strength) steps are skipped and `noise` is added to init at the first
-    step that runs (q(x_t | x_0)). With strength 0 no step runs and init comes back unchanged.
-    step_hook(i, x) -> x: runs after step i, before the callback; the sampler continues from what it
-    returns (plain-SD inpainting pastes the known region back there, noised with `noised_latent`).
-    """
-    schedule = schedule or Schedule.sd1()
-    entry = check(name, steps, schedule, spacing, karras, eta, prediction_type)
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength={strength!r} is outside [0, 1]: 1 noises the image fully, 0 not at all")
-    if init is not None and init.shape != noise.shape:
-        raise ValueError(f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; they must match")
-    spacing = spacing or entry.default_spacing
-    t, sigmas = entry.grid_fn(schedule, steps, spacing, karras)
-    start = 0
-    if init is None:
-        x = initial_latent(name, noise, sigmas, spacing)
-    else:
-        start = img2img_start_step(steps, strength)
-        if start == len(t):
-            return init.clone()
-        x = noised_latent(name, init, noise, start, t, sigmas, schedule)
-    grid = sigmas if sigmas is not None else schedule  # the loop walks the sigmas, or the schedule's alpha_bar
-    return entry.run(eps_fn, x, t, grid, start=start, eta=eta, generator=generator,
-                     prediction_type=prediction_type, callback=callback, step_hook=step_hook)

@@ -7,11 +7,11 @@ space, so the denoiser D scales its input back and asks for eps at the matching 
     D(x; sigma) = x - sigma * eps_fn(x / sqrt(sigma^2 + 1), t(sigma))      (an eps-predicting network)
 
 which is what diffusers' `scale_model_input` + interpolated timesteps do; a v- or x0-predicting
-network is converted by ldm.sampler_common.predict_x0_eps, the one conversion every sampler uses.
-Use them through `ldm.samplers.sample("euler", ...)` (their registry entries are in ldm/samplers.py);
-this module holds the grids and the loops, and imports its helpers from ldm/sampler_common.py.
+network is converted by common.predict_x0_eps, the one conversion every sampler uses.
+Use them through `ldm.samplers.sample("euler", ...)` (their registry entries are in registry.py);
+this module holds the grids and the loops, and imports its helpers from common.py.
 
-Notation (shared with ldm/samplers.py):
+Notation (shared with ddpm_space.py):
 
     symbol        code           meaning
     t             t              training timestep, 0 (clean) .. T-1 (noisiest); fractional here
@@ -31,7 +31,7 @@ from math import prod
 import torch
 from numpy.polynomial import Polynomial
 
-from ldm.sampler_common import Callback, EpsFn, StepHook, end_step, predict_x0_eps, randn  # noqa: F401 (re-exported)
+from ldm.samplers.common import Callback, EpsFn, StepHook, end_step, predict_x0_eps, randn  # noqa: F401 (re-exported)
 from ldm.schedule import Schedule, karras_sigmas
 
 __all__ = ["sigma_grid", "denoise", "euler", "euler_ancestral", "heun", "lms", "lms_coefficient"]
@@ -55,7 +55,7 @@ def sigma_grid(schedule: Schedule, steps: int, spacing: str = "linspace", karras
 def denoise(eps_fn: EpsFn, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor,
             prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
     """(D(x; sigma), d): one network call on the scaled input, as an x_0 estimate and the ODE slope
-    d = (x - D) / sigma (the eps estimate), through ldm.sampler_common.predict_x0_eps."""
+    d = (x - D) / sigma (the eps estimate), through common.predict_x0_eps."""
     model_out = eps_fn(x / ((sigma**2 + 1) ** 0.5), t.to(x.device))  # DDPM-space input sqrt(alpha_bar) x
     return predict_x0_eps(model_out, x, prediction_type, alpha=None, sigma=sigma)
 

@@ -1,7 +1,7 @@
 """What every sampler shares: the network's signature, the prediction conversion, noise, the step's end.
 
-ldm/samplers.py (the DDPM-space samplers and the registry) and ldm/k_samplers.py (the sigma-space
-ones) both import this module; neither imports the other's helpers.
+ddpm_space.py (the DDPM-space samplers) and sigma_space.py (the sigma-space ones) both import this
+module; neither imports the other's helpers. registry.py lists them, one `Sampler` entry each.
 
     network       eps_fn(x_in, t) -> out    out is eps, v or x0: the model's `prediction_type`
     conversion    predict_x0_eps(out, x, prediction_type, alpha=..., sigma=...) -> (x0_pred, eps)
