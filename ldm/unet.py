@@ -62,6 +62,11 @@ proj_in/proj_out are Linear layers (use_linear_in_transformer), and attn2's to_k
 with the same weights' shapes: that is the sampler's business, not the network's. In half
 precision its attention scores overflow fp16, so ldm.attention forms them in fp32.
 
+SDXL base (UNetConfig.sdxl(), sgm openaimodel.py) is SD 2.x's heads on three levels (320, 640,
+1280): 9 input and 9 output blocks (Upsample at output_blocks.2.2 and 5.2), attention only at
+levels 1 and 2 with 2 and 10 transformer blocks (transformer_depth per level), 10 in the middle,
+a 2048-wide context, and y (B, 2816) through label_emb: 2,567,463,684 parameters.
+
 Attention backends ("math", "sdpa", "triton", "auto"; see ldm/attention.py) are chosen per
 model (`UNetModel(cfg, attention_backend=...)`, a plain attribute) or per call
 (`unet(x, t, ctx, attention_backend="math")`). `UNetModel.capture(...)` records the feature
@@ -97,7 +102,8 @@ class UNetConfig:
     num_heads: int = 8                                # head_dim = width / num_heads: 40, 80, 160
     num_head_channels: int | None = None              # SD 2.x: 64, a fixed head_dim (heads = width / 64),
                                                       # num_heads then unused; None = SD 1.x (CompVis: -1)
-    transformer_depth: int = 1                        # BasicTransformerBlocks per SpatialTransformer
+    transformer_depth: int | tuple[int, ...] = 1      # BasicTransformerBlocks per SpatialTransformer: one for
+                                                      # all, or one per level (SDXL: (1, 2, 10)); middle: the last
     context_dim: int = 768                            # width of the text embeddings (SD 2.x: 1024)
     use_linear_in_transformer: bool = False           # SD 2.x: proj_in/proj_out are Linear, not 1x1 Conv2d
     sample_size: int = 64                             # the latent side it was trained at (diffusers' name):
@@ -107,12 +113,17 @@ class UNetConfig:
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
-                     "num_heads", "transformer_depth", "context_dim", "sample_size"):
+                     "num_heads", "context_dim", "sample_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"UNetConfig: {name}={getattr(self, name)} must be >= 1")
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
             raise ValueError(f"UNetConfig: channel_mult={self.channel_mult} must be a non-empty "
                              f"tuple of positive integers")
+        depth, levels = self.transformer_depth, len(self.channel_mult)
+        if not (isinstance(depth, int) and depth >= 1 or isinstance(depth, tuple) and len(depth) == levels
+                and all(isinstance(d, int) and d >= 1 for d in depth)):
+            raise ValueError(f"UNetConfig: transformer_depth={depth} must be an integer >= 1 or a tuple of "
+                             f"one per level (len(channel_mult)={levels}), each >= 1")
         if self.adm_in_channels is not None and self.adm_in_channels < 1:
             raise ValueError(f"UNetConfig: adm_in_channels={self.adm_in_channels} must be >= 1, or None (no vector y)")
         if self.num_head_channels is not None and self.num_head_channels < 1:
@@ -132,6 +143,11 @@ class UNetConfig:
         if self.num_head_channels is None:
             return self.num_heads, width // self.num_heads
         return width // self.num_head_channels, self.num_head_channels
+
+    def depths(self) -> tuple[int, ...]:
+        """transformer_depth of each level (an int: the same at every level); the middle block's is the last."""
+        d = self.transformer_depth
+        return d if isinstance(d, tuple) else (d,) * len(self.channel_mult)
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
@@ -157,6 +173,20 @@ class UNetConfig:
         """tiny() shaped like SD 2.x: 16-channel heads (2 heads at width 32, 4 at 64), linear projections."""
         return cls.sd2(model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
                        attention_resolutions=(1,), num_head_channels=16, context_dim=48)
+
+    @classmethod
+    def sdxl(cls, **changes) -> "UNetConfig":
+        """SDXL base 1.0 (sgm sd_xl_base.yaml): SD 2.x's heads and projections on three levels, attention
+        at the two deeper ones with 2 and 10 transformer blocks (level 0's 1 is unused), 10 in the middle,
+        a 2048-wide context, and a 2816-wide vector y through label_emb; a 1024 px image (128 latent)."""
+        return cls.sd2(**{**dict(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), transformer_depth=(1, 2, 10),
+                                 context_dim=2048, adm_in_channels=2816, sample_size=128), **changes})
+
+    @classmethod
+    def tiny_sdxl(cls) -> "UNetConfig":
+        """sdxl() at widths 32/64/64: 16-channel heads, depths (1, 1, 2) (level 0 unused, middle 2), y of 24."""
+        return cls.sdxl(model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(1, 1, 2),
+                        num_head_channels=16, context_dim=40, adm_in_channels=24)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -350,9 +380,9 @@ class UNetModel(nn.Module):
         self.cfg, self.attention_backend = cfg, attention_backend
         mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, level: int) -> SpatialTransformer:
             heads, dim_head = cfg.heads(ch)
-            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+            return SpatialTransformer(ch, heads, dim_head, cfg.depths()[level], cfg.context_dim,
                                       linear=cfg.use_linear_in_transformer)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -368,7 +398,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -377,7 +407,7 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch), transformer(ch), ResBlock(ch, emb_dim, ch))
+            ResBlock(ch, emb_dim, ch), transformer(ch, -1), ResBlock(ch, emb_dim, ch))
 
         # Up: one more block per level than on the way down; each eats one skip, last first.
         self.output_blocks = nn.ModuleList()
@@ -386,7 +416,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2

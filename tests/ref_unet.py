@@ -1,8 +1,10 @@
 """Reference builders for the UNet: diffusers' UNet2DConditionModel on the same weights as ours.
 
-SD 1.x and SD 2.x configs alike: diffusers_unet_config translates num_head_channels (SD 2.x's
-head dim 64) into diffusers' per-level head counts and use_linear_in_transformer into
-use_linear_projection.
+SD 1.x, SD 2.x and SDXL configs alike: diffusers_unet_config translates num_head_channels (SD 2.x's
+head dim 64) into diffusers' per-level head counts, use_linear_in_transformer into
+use_linear_projection, a per-level transformer_depth (SDXL's (1, 2, 10)) into
+transformer_layers_per_block (diffusers' mid block takes its last entry, as sgm's does), and
+adm_in_channels into a "projection" class embedding.
 
 Our model is built first (its state_dict has the CompVis checkpoint names), then converted
 with diffusers' own single-file converter `convert_ldm_unet_checkpoint`, which knows the real
@@ -33,7 +35,7 @@ def diffusers_unet_config(cfg: UNetConfig) -> dict:
     """kwargs for diffusers.UNet2DConditionModel that build the same network as `cfg`."""
     attn = [2 ** level in cfg.attention_resolutions for level in range(len(cfg.channel_mult))]
     return dict(
-        sample_size=64,
+        sample_size=cfg.sample_size,
         in_channels=cfg.in_channels,
         out_channels=cfg.out_channels,
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
@@ -41,9 +43,9 @@ def diffusers_unet_config(cfg: UNetConfig) -> dict:
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
         layers_per_block=cfg.num_res_blocks,
-        transformer_layers_per_block=cfg.transformer_depth,
+        transformer_layers_per_block=cfg.transformer_depth,  # an int, or per level (diffusers: mid = the last)
         cross_attention_dim=cfg.context_dim,
-        # diffusers' name for the number of heads (SD 1.x: 8; SD 2.x: per level, [5, 10, 20, 20])
+        # diffusers' name for the number of heads (SD 1.x: 8; SD 2.x: per level, [5, 10, 20, 20]; SDXL [5, 10, 20])
         attention_head_dim=(cfg.num_heads if cfg.num_head_channels is None
                             else tuple(cfg.heads(cfg.model_channels * m)[0] for m in cfg.channel_mult)),
         norm_num_groups=32,
@@ -116,3 +118,24 @@ def reference_tensors() -> dict[str, torch.Tensor]:
     out = {f"weights.{k}": v.half() for k, v in model.state_dict().items()}
     out.update({"inputs.x": x, "inputs.t": t, "inputs.context": context, "outputs.eps": eps})
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_sdxl_pair() -> tuple[UNetModel, object]:
+    """(ours, diffusers) UNets for UNetConfig.tiny_sdxl() sharing random weights; built once."""
+    model = ours(UNetConfig.tiny_sdxl(), seed=7)
+    return model, to_diffusers(model)
+
+
+def meta_key_proof(cfg: UNetConfig, **diffusers_changes) -> tuple[dict, dict]:
+    """({key: shape} that diffusers' converter makes of our state dict, {key: shape} of diffusers' own
+    UNet2DConditionModel for the same config): both built on the meta device, so any size costs seconds."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    config = {**diffusers_unet_config(cfg), **diffusers_changes}
+    with torch.device("meta"):
+        sd, ref = UNetModel(cfg).state_dict(), UNet2DConditionModel(**config)
+    converted = convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v for k, v in sd.items()}, config)
+    shapes = lambda d: {k: None if v is None else tuple(v.shape) for k, v in d.items()}
+    return shapes(converted), shapes(ref.state_dict())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,11 @@ import ldm
 from bounded import run_bounded
 from ldm import checkpoint, families, weights
 from ldm.checkpoint import Checkpoint
+from ldm.checkpoint import configs as ck_configs
 from ldm.checkpoint.configs import MAX_BLOCKS, configs_for, from_tensors
 from ldm.clip import CLIPTextConfig
 from ldm.openclip import OpenCLIPTextConfig
-from ldm.unet import UNetConfig
+from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import VAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +163,52 @@ def test_transformer_depths_that_differ_are_refused_in_one_line(tmp_path):
     message = str(err.value)
     assert "\n" not in message and str(path) in message and "[1, 2] transformer blocks" in message, message
     assert "middle_block.1: 1" in message and "transformer_depth" in message, message
+
+
+# ---- (c') SDXL: a transformer depth per level -----------------------------------------------------
+def test_sdxl_unet_config_has_a_transformer_depth_per_level():
+    xl = UNetConfig.sdxl()
+    assert (xl.channel_mult, xl.attention_resolutions, xl.depths(), xl.num_head_channels, xl.context_dim,
+            xl.adm_in_channels, xl.use_linear_in_transformer, xl.sample_size) == \
+        ((1, 2, 4), (4, 2), (1, 2, 10), 64, 2048, 2816, True, 128)
+    assert UNetConfig().depths() == (1, 1, 1, 1) and UNetConfig(transformer_depth=3).depths() == (3,) * 4
+    for bad in [(1, 2), (1, 0, 2), [1, 2, 10], 0, (1, 2.0, 3)]:
+        with pytest.raises(ValueError, match=r"^UNetConfig: transformer_depth=.* must be an integer >= 1 or a tuple "
+                                             r"of one per level \(len\(channel_mult\)=3\), each >= 1$"):
+            UNetConfig.sdxl(transformer_depth=bad)
+
+
+def _unet_read_back(unet_config: UNetConfig, family: UNetConfig = UNetConfig.sdxl()) -> UNetConfig:
+    """The UNetConfig from_tensors' reader gives for a (meta) UNet's state dict, `family` the SDXL record."""
+    where = "test: configs read from the tensors"
+    values = ck_configs._unet(ck_configs._Tensors(_meta_state(UNetModel, unet_config), where, "unet"), family)
+    return ck_configs._config_from_dict(UNetConfig, values, where)
+
+
+def test_sdxl_shaped_unets_read_back_their_configs_from_the_tensors():
+    assert _unet_read_back(UNetConfig.sdxl()) == UNetConfig.sdxl()                 # (1, 2, 10): level 0's reads 1
+    tiny_xl = UNetConfig.tiny_sdxl()                # heads 16 wide: no shape says it, the rule gives gcd(32, 64) = 32
+    assert _unet_read_back(tiny_xl) == dataclasses.replace(tiny_xl, num_head_channels=32)
+    assert _unet_read_back(dataclasses.replace(tiny_xl, transformer_depth=(5, 2, 2))).transformer_depth == 2  # equal
+    sd1 = dataclasses.replace(UNetConfig(), transformer_depth=(1, 1, 1, 2))   # level 3 without attention: the middle's
+    assert _unet_read_back(sd1, UNetConfig()) == sd1
+
+
+def test_a_per_level_transformer_depth_in_the_metadata_is_read_bounded_and_checked(tmp_path):
+    fam = families.get("sd2")
+    stages = {stage: _meta_state(fam.models[stage], fam.configs[stage]) for stage in ("text_encoder", "vae")}
+    ck = Checkpoint(tmp_path / "xl.safetensors", "safetensors", "sd2",
+                    {**stages, "unet": _meta_state(UNetModel, UNetConfig.tiny_sdxl())})
+    good = {**fam.configs, "unet": UNetConfig.tiny_sdxl()}
+    assert ck_configs.from_metadata(ck, ck_configs.configs_metadata(good)) == good      # a JSON list reads as the tuple
+    for depth, message in [([1, 1, 3], r"transformer_depth \(the deepest\) gives 3, but the file's tensors have 2"),
+                           ([1, 1], r"ValueError: UNetConfig: transformer_depth=\(1, 1\) must be"),
+                           ([1] * 17, "allowed: an integer from 1 to 1048576, or a list of at most 16 integers"),
+                           ([1, 0, 2], "allowed: an integer from 1 to"), ("2", "allowed: an integer from 1 to")]:
+        text = json.loads(ck_configs.configs_metadata(good))
+        text["unet"]["transformer_depth"] = depth
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            ck_configs.from_metadata(ck, json.dumps(text))
 
 
 # ---- (d) hostile key names -----------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The UNet against diffusers' UNet2DConditionModel on the same weights: every block type, the
-whole model (tiny and full SD 1.x size), the backends against each other, the stored reference
+whole model (tiny and full size: SD 1.x, 2.x, SDXL), the backends against each other, the stored reference
 tensors, the architecture table, the inspection API and the error messages."""
 import dataclasses
 import re
@@ -280,6 +280,39 @@ def test_full_size_sd2_unet_matches_diffusers():
         eps = ours(x, t, ctx, attention_backend=backend)
         print(f"SD 2 full-size UNet ({backend}) max |ours - diffusers| = {(eps - expected).abs().max().item():.2e}")
         torch.testing.assert_close(eps, expected, **TOL)
+
+
+# ---- SDXL: a transformer depth per level, label_emb ------------------------------------------
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@torch.no_grad()
+def test_tiny_sdxl_unet_matches_diffusers(backend):
+    """Depths (1, 1, 2): level 0 without attention, 1 block at level 1, 2 at level 2 and in the middle."""
+    pytest.importorskip("diffusers")
+    ours, ref = ref_unet.tiny_sdxl_pair()
+    assert [len(ours.output_blocks[i][1].transformer_blocks) for i in (0, 3)] == [2, 1] == \
+        [len(ours.middle_block[1].transformer_blocks), len(ours.input_blocks[4][1].transformer_blocks)]
+    x, t, ctx = inputs(ours.cfg, h=16, w=8)
+    y = torch.randn(2, ours.cfg.adm_in_channels, generator=torch.Generator().manual_seed(8))
+    eps, expected = ours(x, t, ctx, y, attention_backend=backend), ref(x, t, ctx, class_labels=y).sample
+    print(f"SDXL tiny UNet ({backend}) max |ours - diffusers| = {(eps - expected).abs().max().item():.2e}")
+    torch.testing.assert_close(eps, expected, **TOL)
+
+
+@pytest.mark.full
+def test_full_size_sdxl_unet_keys_are_diffusers_converters():
+    """SDXL base's keys and shapes are what diffusers' converter maps into its UNet, both ways, with label_emb as a
+    projection class embedding and as SDXL's own text_time add_embedding (on the meta device: seconds)."""
+    pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        model = UNetModel(UNetConfig.sdxl())
+    sd = model.state_dict()
+    assert (len(sd), sum(p.numel() for p in model.parameters())) == (1680, 2_567_463_684)
+    assert [len({k.split(".")[1] for k in sd if k.startswith(f"{s}_blocks.")}) for s in ("input", "output")] == [9, 9]
+    assert {"output_blocks.2.2.conv.weight", "output_blocks.5.2.conv.weight"} <= sd.keys()
+    for changes in ({}, dict(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=256)):
+        converted, expected = ref_unet.meta_key_proof(UNetConfig.sdxl(), **changes)
+        assert sorted(converted.keys() ^ expected.keys()) == [] and converted == expected and len(converted) == 1680
 
 
 # ---- the architecture table -----------------------------------------------------------------

@@ -35,8 +35,9 @@ Where a file's configs come from:
    but its outputs are the file's only if it was trained with that split: write the configs into
    the metadata (write_single_file(configs=...)) when they matter.
 
-A config that UNetConfig cannot express (transformer depths that differ between blocks, levels
-with different numbers of ResBlocks) is refused in one line naming the file and what was found.
+A config that UNetConfig cannot express (transformer depths that differ within a level or between the
+middle block and the last level, levels with different numbers of ResBlocks) is refused in one line
+naming the file and what was found.
 """
 from __future__ import annotations
 
@@ -103,7 +104,8 @@ def configs_for(ck) -> dict:
 def _config_from_dict(cls, d, where: str):
     """One stage's config from a dict of fields: known fields, ints in 1..MAX_CONFIG_INT, floats
     finite and > 0, tuples of at most MAX_CONFIG_LEN such ints, booleans, optional ints (default
-    None) as null or such an int; then the config's own checks. Fields not named keep the class's defaults."""
+    None) as null or such an int, fields typed `int | tuple[int, ...]` as either; then the config's own
+    checks. Fields not named keep the class's defaults."""
     bad = lambda msg: CheckpointError(f"{where}: {msg}")
     if not isinstance(d, dict):
         raise bad(f"a {type(d).__name__}, not a JSON object of {cls.__name__} fields")
@@ -112,12 +114,16 @@ def _config_from_dict(cls, d, where: str):
     if unknown:
         raise bad(f"unknown {cls.__name__} fields {sorted(map(str, unknown))[:10]}; allowed: {sorted(fields)}")
     values = {}
+    ok_int = lambda x: type(x) is int and 1 <= x <= MAX_CONFIG_INT
+    ok_ints = lambda x: isinstance(x, (list, tuple)) and len(x) <= MAX_CONFIG_LEN and all(map(ok_int, x))
+    ints = f"a list of at most {MAX_CONFIG_LEN} integers from 1 to {MAX_CONFIG_INT}"
     for k, v in d.items():
         default = fields[k].default
-        ok_int = lambda x: type(x) is int and 1 <= x <= MAX_CONFIG_INT
-        if isinstance(default, tuple):  # a JSON list, or a tuple when from_tensors built the dict
-            ok, allowed = isinstance(v, (list, tuple)) and len(v) <= MAX_CONFIG_LEN and all(map(ok_int, v)), \
-                f"a list of at most {MAX_CONFIG_LEN} integers from 1 to {MAX_CONFIG_INT}"
+        if str(fields[k].type) == "int | tuple[int, ...]":  # one for all, or per level (UNetConfig.transformer_depth)
+            ok, allowed = ok_int(v) or ok_ints(v), f"an integer from 1 to {MAX_CONFIG_INT}, or {ints}"
+            v = tuple(v) if ok and isinstance(v, list) else v
+        elif isinstance(default, tuple):  # a JSON list, or a tuple when from_tensors built the dict
+            ok, allowed = ok_ints(v), ints
             v = tuple(v) if ok else v
         elif isinstance(default, float):
             ok, allowed = type(v) in (int, float) and 0 < v < math.inf, "a finite number > 0"
@@ -182,8 +188,9 @@ def _check_against_tensors(where: str, configs: dict, ck) -> None:
         ("vae", "num_res_blocks", vae.num_res_blocks, _count(ck.vae, "encoder.down.0.block.")),
         ("vae", "ch", vae.ch, _shape(ck.vae, "encoder.conv_in.weight", 0)),
     ]
-    if depths and unet.attention_resolutions:
-        checks.append(("unet", "transformer_depth", unet.transformer_depth, max(depths) + 1))
+    if depths and unet.attention_resolutions:  # the deepest SpatialTransformer built: attention levels and the middle
+        used = [d for level, d in enumerate(unet.depths()) if 2**level in unet.attention_resolutions or level == L - 1]
+        checks.append(("unet", "transformer_depth (the deepest)", max(used), max(depths) + 1))
     for stage, name, said, found in checks:
         if said != found:
             raise CheckpointError(f"{where}: {stage} {name} gives {said}, but the file's tensors have {found}")
@@ -292,21 +299,31 @@ def _unet(t: _Tensors, family: UNetConfig) -> dict:
             owner, rest = k.split(".transformer_blocks.", 1)
             owners[owner].add(rest.split(".", 1)[0])
     depths = {owner: t.numbered(names, f"{owner}.transformer_blocks.N") for owner, names in owners.items()}
-    if len(set(depths.values())) > 1:
-        example = {}
-        for owner, d in depths.items():
-            example.setdefault(d, owner)
-        raise t.error(f"SpatialTransformers have {sorted(example)} transformer blocks (e.g. "
-                      f"{', '.join(f'{o}: {d}' for d, o in sorted(example.items())[:4])}); UNetConfig has one "
-                      f"transformer_depth")
+    # transformer_depth per level: a level's input and output blocks share it, the middle block has the last
+    # level's; other owners are left for the strict load to list.
+    L, n = len(levels), per_level[0]
+    level_of = {f"input_blocks.{i}.1": level for level, blocks in enumerate(levels) for i in blocks}
+    level_of.update({f"output_blocks.{j}.1": L - 1 - j // (n + 1) for j in range(L * (n + 1))})
+    level_of["middle_block.1"] = L - 1
+    found: dict[int, dict[int, str]] = defaultdict(dict)  # level -> {depth: an owner with it}
+    for owner, d in depths.items():
+        if owner in level_of:
+            found[level_of[owner]].setdefault(d, owner)
+    for level, example in sorted(found.items()):
+        if len(example) > 1:
+            raise t.error(f"SpatialTransformers of level {level} have {sorted(example)} transformer blocks (e.g. "
+                          f"{', '.join(f'{o}: {d}' for d, o in sorted(example.items())[:4])}); UNetConfig has one "
+                          f"transformer_depth per level (the middle block's is the last level's)")
     values = dataclasses.asdict(family)  # what shapes cannot tell: the family's (sample_size, the head split)
     values.update(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
                   channel_mult=tuple(w // model_channels for w in widths), num_res_blocks=per_level[0],
                   attention_resolutions=attention)
     if t.has("label_emb.0.0.weight"):  # a vector y through label_emb (SDXL): (time embed width, adm_in_channels)
         values["adm_in_channels"] = t.shape("label_emb.0.0.weight", 2)[1]
-    if depths:
-        values["transformer_depth"] = next(iter(depths.values()))
+    if found:  # a level without attention (SDXL's level 0) reads 1, or the depth all others share (then an int)
+        used = {level: next(iter(example)) for level, example in found.items()}
+        values["transformer_depth"] = (next(iter(used.values())) if len(set(used.values())) == 1
+                                       else tuple(used.get(level, 1) for level in range(L)))
         to_k = next((k for k in t.sd if isinstance(k, str) and k.endswith(".attn2.to_k.weight")), None)
         if to_k is not None:
             values["context_dim"] = t.shape(to_k, 2)[1]                      # (inner, context_dim)
