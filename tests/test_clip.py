@@ -37,6 +37,19 @@ def test_clip_skip_matches_transformers_penultimate_layer():
     assert_close(skipped, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_sdxl_context_is_the_penultimate_hidden_state_without_final_norm():
+    """SDXL's first tower (CLIP ViT-L) gives hidden_states[-2] with no final layer norm (diffusers'
+    encode_prompt; SD 1.x's clip_skip=1 applies it): our hidden_states list is that, as it is."""
+    ours, hf = ref_clip.pair(CLIPTextConfig.tiny())
+    ids = ref_clip.example_ids()
+    with torch.no_grad():
+        _, hidden = ours(ids, return_hidden_states=True)
+        ref = hf(input_ids=ids, output_hidden_states=True).hidden_states[-2]
+        normed = ours(ids, clip_skip=1)
+    assert_close(hidden[-2], ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(hidden[-2], normed, atol=1e-3)   # the final LN is not applied
+
+
 def test_causal_mask_makes_early_tokens_blind_to_later_ones():
     ours, _ = ref_clip.pair(CLIPTextConfig.tiny())
     a = ref_clip.example_ids(batch=1)

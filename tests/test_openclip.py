@@ -219,3 +219,142 @@ def test_full_size_matches_transformers():
         print(f"OpenCLIP ViT-H full-size ({backend}) max |ours - transformers| = {err:.2e}")
         assert_close(ctx, ref, atol=1e-4, rtol=1e-4)
     ours.backend = "auto"
+
+
+# ---- SDXL's second tower: ViT-bigG, penultimate without ln_final, and the pooled vector -------
+
+@pytest.fixture(scope="module")
+def tiny_bigg_pair():
+    return ref_openclip.sdxl_pair(OpenCLIPTextConfig.tiny_bigg())
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@torch.no_grad()
+def test_tiny_bigg_matches_transformers_with_projection(tiny_bigg_pair, backend):
+    """SDXL's use (diffusers' encode_prompt): the every-block model's hidden_states[-2] with no
+    final layer norm is the context, its text_embeds the pooled vector."""
+    ours, hf = tiny_bigg_pair
+    ours.backend = backend
+    ids = ref_openclip.example_ids(batch=3)
+    context, pooled = ours.encode(ids)
+    ref = hf(input_ids=ids, output_hidden_states=True)
+    assert context.shape == (3, 77, 64) and pooled.shape == (3, 64)
+    assert len(ref.hidden_states) == 4                        # embeddings + 3 blocks, all run
+    assert_close(context, ref.hidden_states[-2], **TOL)
+    assert_close(pooled, ref.text_embeds, **TOL)
+    assert_close(ours(ids), context, atol=0, rtol=0)          # forward gives the same context
+    ours.backend = "auto"
+
+
+@torch.no_grad()
+def test_sdxl_context_has_no_final_norm_and_the_last_block_only_feeds_pooled(tiny_bigg_pair):
+    ours, _ = tiny_bigg_pair
+    ids = ref_openclip.example_ids(batch=1)
+    context, hidden = ours(ids, return_hidden_states=True)
+    assert len(hidden) == 3                                   # forward runs the 2 blocks the context needs
+    assert_close(context, hidden[-1], atol=0, rtol=0)         # the raw hidden state
+    assert not torch.allclose(context, ours.ln_final(context), atol=1e-3)
+    last = ours.transformer.resblocks[-1]
+    saved = {k: v.clone() for k, v in last.state_dict().items()}
+    before = ours.encode(ids)
+    for p in last.parameters():
+        p.add_(0.5)
+    after = ours.encode(ids)
+    last.load_state_dict(saved)
+    assert_close(after[0], before[0], atol=0, rtol=0)         # the context never sees the last block
+    assert not torch.allclose(after[1], before[1])            # the pooled vector does
+
+
+@torch.no_grad()
+def test_sdxl_clip_skip_moves_the_context_not_the_pooled_vector(tiny_bigg_pair):
+    """diffusers' SDXL encode_prompt(clip_skip=n): hidden_states[-(n + 2)], no final LN; pooled unchanged."""
+    ours, hf = tiny_bigg_pair
+    ids = ref_openclip.example_ids()
+    ref = hf(input_ids=ids, output_hidden_states=True)
+    context, pooled = ours.encode(ids, clip_skip=1)
+    assert_close(context, ref.hidden_states[-3], **TOL)
+    assert_close(pooled, ref.text_embeds, **TOL)
+    assert ours.config.num_hidden_layers == 2                 # clip_skip in [0, 1]
+    with pytest.raises(ValueError, match=r"clip_skip=2 must be an int in \[0, 1\]"):
+        ours.encode(ids, clip_skip=2)
+
+
+@torch.no_grad()
+def test_pooled_is_taken_at_eot_and_projected_as_x_at_p(tiny_bigg_pair):
+    """The EOT position is the row's highest id; text_projection is (width, embed_dim) used as
+    x @ P, and diffusers stores P.T: square, so only the numbers tell the two apart."""
+    ours, hf = tiny_bigg_pair
+    ids = ref_openclip.example_ids()
+    P = ours.text_projection
+    assert P.shape == (64, 64)
+    assert_close(hf.text_projection.weight, P.T, atol=0, rtol=0)
+    _, pooled = ours.encode(ids)
+    last = hf(input_ids=ids, output_hidden_states=True).hidden_states[-1]   # every block's output
+    eot = [int((row == 49407).nonzero()[0]) for row in ids]   # BOS, tokens, EOT, 0 padding
+    x = ours.ln_final(last[torch.arange(2), eot])
+    assert_close(pooled, x @ P, **TOL)
+    assert (pooled - x @ P.T).abs().max() > 1e-2              # the missing transpose is wrong, silently
+
+
+@torch.no_grad()
+def test_encode_on_vit_h_gives_open_clips_text_embedding_and_sd2_context(tiny_pair):
+    """SD 2.x's forward is unchanged (23 of 24 blocks, ln_final); encode runs the last block too
+    for the pooled vector, open_clip's encode_text: transformers' text_embeds of every block."""
+    ours, hf23 = tiny_pair
+    hf = ref_openclip.to_transformers_with_projection(ours)
+    ids = ref_openclip.example_ids()
+    context, pooled = ours.encode(ids)
+    assert_close(context, ours(ids), atol=0, rtol=0)
+    assert_close(context, hf23(input_ids=ids).last_hidden_state, **TOL)
+    assert_close(pooled, hf(input_ids=ids).text_embeds, **TOL)
+    assert pooled.shape == (2, 40)
+
+
+def test_bigg_config_and_names():
+    """DESIGN.md §5: conditioner.embedders.1.model.* exactly 390 tensors (32 blocks x 12 + 6)."""
+    from ldm.clip import CLIPTextConfig
+
+    g = OpenCLIPTextConfig.bigg()
+    assert (g.width, g.layers, g.heads, g.intermediate_size, g.embed_dim) == (1280, 32, 20, 5120, 1280)
+    assert (g.layer_skip, g.final_norm_on_context, g.num_hidden_layers, g.hidden_size) == (1, False, 31, 1280)
+    assert OpenCLIPTextConfig.full().final_norm_on_context               # SD 2.x keeps ln_final
+    assert OpenCLIPTextConfig.tiny_bigg().width != CLIPTextConfig.tiny().hidden_size
+    with torch.device("meta"):
+        sd = OpenCLIPTextModel(g).state_dict()
+    assert len(sd) == 390
+    assert tuple(sd["text_projection"].shape) == (1280, 1280)
+    assert tuple(sd["transformer.resblocks.31.attn.in_proj_weight"].shape) == (3840, 1280)
+    assert tuple(sd["transformer.resblocks.31.mlp.c_fc.weight"].shape) == (5120, 1280)
+
+
+def test_bigg_configs_survive_the_file_metadata():
+    """ldm.configs metadata holds positive ints and booleans: both towers' configs are expressible."""
+    import dataclasses
+    import json
+
+    from ldm.checkpoint.configs import _config_from_dict
+
+    for cfg in (OpenCLIPTextConfig.full(), OpenCLIPTextConfig.bigg(), OpenCLIPTextConfig.tiny_bigg()):
+        stored = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        assert _config_from_dict(OpenCLIPTextConfig, stored, "test") == cfg
+
+
+@pytest.mark.full
+@torch.no_grad()
+def test_full_size_bigg_matches_transformers_with_projection():
+    """ViT-bigG/14, random weights (ldm.weights.random_init_): all 390 names under SDXL's prefix
+    through diffusers' converter into a strict 32-layer CLIPTextModelWithProjection, then 77
+    tokens, both backends: hidden_states[-2] = our context, text_embeds = our pooled vector."""
+    ours, hf = ref_openclip.full_sdxl_pair()
+    ids = ref_openclip.example_ids(batch=2)
+    ref = hf(input_ids=ids, output_hidden_states=True)
+    for backend in ("sdpa", "math"):
+        ours.backend = backend
+        context, pooled = ours.encode(ids)
+        assert context.shape == (2, 77, 1280) and pooled.shape == (2, 1280)
+        errs = [(context - ref.hidden_states[-2]).abs().max().item(), (pooled - ref.text_embeds).abs().max().item()]
+        print(f"OpenCLIP ViT-bigG full-size ({backend}) max |ours - transformers|: "
+              f"context {errs[0]:.2e}, pooled {errs[1]:.2e}")
+        assert_close(context, ref.hidden_states[-2], atol=1e-4, rtol=1e-4)
+        assert_close(pooled, ref.text_embeds, atol=1e-4, rtol=1e-4)
+    ours.backend = "auto"
