@@ -286,9 +286,9 @@ def write(path: Path, lo: lora.LoRA, cfg: FinetuneConfig, result: dict) -> None:
 # --- 4. the loss and the loop -------------------------------------------------------------------------------
 
 @torch.no_grad()
-def held_loss(denoiser, tokenizer, x0: torch.Tensor, texts: list[str], alpha_bar, seed: int) -> float:
+def held_loss(denoiser, tokenizer, x0: torch.Tensor, texts: list[str], schedule, seed: int) -> float:
     """eps_loss at fixed timesteps and noise (the same every call): before/after comparisons."""
-    return float(eps_loss(denoiser, tokenizer(texts), x0, alpha_bar, torch.Generator().manual_seed(seed)))
+    return float(eps_loss(denoiser, tokenizer(texts), x0, schedule, torch.Generator().manual_seed(seed)))
 
 
 def check_output(cfg: FinetuneConfig) -> None:
@@ -333,7 +333,6 @@ def _finetune(cfg: FinetuneConfig, pipe=None) -> dict:
     for m in (te, unet, vae):
         m.requires_grad_(False).eval()  # the base stays frozen (eval: no dropout anywhere)
     scale, device = vae.cfg.scaling_factor, pipe.device
-    alpha_bar = pipe.schedule.alpha_bar.to(device)
     result: dict = {"base": pipe.name or str(cfg.checkpoint or SHIPPED.name)}
 
     # 1-2. the new scenes and their latents
@@ -368,8 +367,8 @@ def _finetune(cfg: FinetuneConfig, pipe=None) -> dict:
     new_texts = [article(shapes.caption(s, rng)) for s in scenes]
     k = min(len(pool), len(scenes))
     world_x0, world_texts = (means[:k] * scale).to(device), [shapes.caption(s, rng) for s in pool[:k]]
-    before = {"new": held_loss(denoiser, tokenizer, z_new * scale, new_texts, alpha_bar, cfg.seed),
-              "world": held_loss(denoiser, tokenizer, world_x0, world_texts, alpha_bar, cfg.seed)}
+    before = {"new": held_loss(denoiser, tokenizer, z_new * scale, new_texts, pipe.schedule, cfg.seed),
+              "world": held_loss(denoiser, tokenizer, world_x0, world_texts, pipe.schedule, cfg.seed)}
 
     n_world = round(cfg.batch * cfg.prior)
     n_new = cfg.batch - n_world
@@ -387,14 +386,14 @@ def _finetune(cfg: FinetuneConfig, pipe=None) -> dict:
             texts = ["" if d else c for c, d in zip(texts, drop)]
             z_old = means[i_old] + stds[i_old] * torch.randn(means[i_old].shape, generator=g)  # a posterior draw
             x0 = torch.cat([z_new[i_new.to(device)], z_old.to(device)]) * scale  # (batch, 4, 8, 8)
-            loss = eps_loss(denoiser, tokenizer(texts), x0, alpha_bar, g)
+            loss = eps_loss(denoiser, tokenizer(texts), x0, pipe.schedule, g)
             loss.backward()
             optimizer_step(opt, params, cfg, lr_at(step, cfg.lr, cfg, cfg.steps))
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 log.info("lora step %d loss %.5f", step + 1, loss.item())
                 history.append([step + 1, round(loss.item(), 6)])
-        after = {"new": held_loss(denoiser, tokenizer, z_new * scale, new_texts, alpha_bar, cfg.seed),
-                 "world": held_loss(denoiser, tokenizer, world_x0, world_texts, alpha_bar, cfg.seed)}
+        after = {"new": held_loss(denoiser, tokenizer, z_new * scale, new_texts, pipe.schedule, cfg.seed),
+                 "world": held_loss(denoiser, tokenizer, world_x0, world_texts, pipe.schedule, cfg.seed)}
     finally:
         handle.unmerge()  # the hooks come off: the networks are the base model again
     result.update({"loss_before": before, "loss_after": after, "history": history,

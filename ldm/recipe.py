@@ -5,10 +5,10 @@ it) are loops, read top to bottom; what they are made of, and what a notebook ma
 
 0. The knobs: `TrainConfig`, every setting of ldm.train, each numeric one with its documented range
    (`RANGES`, `TUPLES`, checked by `check_field` before any work).
-1. The objectives. `add_noise` is the forward process in one jump at a batch of timesteps,
-   q(x_t | x_0) of Ho et al. 2020 eq. 4 (`ldm.schedule.Schedule.add_noise` is the same at one
-   integer t, for samplers); `eps_loss` is the simplified loss |eps - eps_theta(x_t, t, c)|^2 on a
-   `Denoiser` (text encoder and UNet as one module); `VAELoss` is stage 1's L1 + MSE + KL.
+1. The objectives. `eps_loss` is the simplified loss |eps - eps_theta(x_t, t, c)|^2 on a `Denoiser`
+   (text encoder and UNet as one module), with x_t from `ldm.schedule.Schedule.add_noise`, the forward
+   process q(x_t | x_0) of Ho et al. 2020 eq. 4, at one timestep per image; `VAELoss` is stage 1's
+   L1 + MSE + KL.
 2. The data: `encode_pool` encodes a pool of world scenes once (posterior means and stds).
 3. The optimisation: `generator` (every random draw of a step, seeded by seed, stage, step, rank),
    `lr_at` (warmup, then cosine decay), `optimizer_step` (clip and step), `ema_update`.
@@ -34,11 +34,12 @@ from torch import nn
 from ldm import shapes
 from ldm.clip import CLIPTextConfig, CLIPTextModel
 from ldm.commandline import short
+from ldm.schedule import Schedule
 from ldm.runfiles import MAX_STEPS, SEED, THREADS, Range, check_device_name, ints, reals
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, VAEConfig
 
-__all__ = ["TrainConfig", "RANGES", "TUPLES", "STAGES", "check_field", "add_noise", "Denoiser", "eps_loss",
+__all__ = ["TrainConfig", "RANGES", "TUPLES", "STAGES", "check_field", "Denoiser", "eps_loss",
            "VAELoss", "encode_pool", "generator", "lr_at", "optimizer_step", "ema_update", "Dist", "setup",
            "accum_steps", "wrap", "no_sync", "barrier", "psnr", "count", "grid", "to_pil"]
 
@@ -180,13 +181,6 @@ class TrainConfig:
 # --- 1. the objectives -----------------------------------------------------------------------
 
 
-def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """q(x_t | x_0) at a batch of timesteps t (B,) (Ho et al. 2020 eq. 4):
-    x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, for x0 and eps (B, C, h, w)."""
-    ab = alpha_bar[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-
-
 class Denoiser(nn.Module):
     """(ids, x_t, t) -> eps: text encoder and UNet as one module, so DDP sees both."""
 
@@ -198,14 +192,14 @@ class Denoiser(nn.Module):
         return self.unet(x_t, t, self.text_encoder(ids))  # (B, 4, h, w)
 
 
-def eps_loss(denoiser: nn.Module, ids: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor,
+def eps_loss(denoiser: nn.Module, ids: torch.Tensor, x0: torch.Tensor, schedule: Schedule,
              g: torch.Generator) -> torch.Tensor:
     """The simplified epsilon loss on scaled latents x0 (B, 4, h, w): draw t ~ U{0..T-1}, then eps,
-    from g (in that order), noise x0 to x_t (add_noise) and regress the noise. `denoiser` is a
+    from g (in that order), noise x0 to x_t (schedule.add_noise) and regress the noise. `denoiser` is a
     Denoiser, or one wrapped by DDP."""
-    t = torch.randint(0, len(alpha_bar), (len(x0),), generator=g).to(x0.device)
+    t = torch.randint(0, len(schedule.alpha_bar), (len(x0),), generator=g).to(x0.device)
     eps = torch.randn(x0.shape, generator=g).to(x0.device)
-    x_t = add_noise(x0, eps, t, alpha_bar)
+    x_t = schedule.add_noise(x0, eps, t)
     return F.mse_loss(denoiser(ids.to(x0.device), x_t, t), eps)
 
 

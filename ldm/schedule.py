@@ -197,7 +197,13 @@ class Schedule:
         return (1 - w) * low + w * (low + 1)
 
     # ---- the forward process ----------------------------------------------------------------
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        """q(x_t | x_0) (Ho et al. 2020 eq. 4): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
-        alpha_bar_t = self.alpha_bar[int(t)].to(x0.dtype)
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0) (Ho et al. 2020 eq. 4): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise.
+        t: one integer timestep (the samplers' img2img start), or a tensor (B,) with one per image of x0
+        (training draws a t per image)."""
+        if isinstance(t, torch.Tensor) and t.dim() == 1:
+            shape = (-1,) + (1,) * (x0.dim() - 1)                    # (B, 1, 1, 1): one level per image
+            alpha_bar_t = self.alpha_bar.to(x0.device)[t.to(x0.device)].view(shape).to(x0.dtype)
+        else:
+            alpha_bar_t = self.alpha_bar[int(t)].to(x0.dtype)
         return alpha_bar_t**0.5 * x0 + (1 - alpha_bar_t) ** 0.5 * noise

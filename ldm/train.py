@@ -217,7 +217,6 @@ def train_latent(cfg: TrainConfig, dist: Dist, vae: AutoencoderKL, resume: bool)
                  count(unet) / 1e6)
     tokenizer = CLIPTokenizer()
     schedule = Schedule.sd1()
-    alpha_bar = schedule.alpha_bar.to(dist.device)
     pool_t0 = time.time()
     means, stds, scenes = encode_pool(vae, cfg, dist.device)
     if dist.master:
@@ -239,7 +238,7 @@ def train_latent(cfg: TrainConfig, dist: Dist, vae: AutoencoderKL, resume: bool)
             z0 = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)  # a posterior draw
             x0 = (z0 * scale).to(dist.device)  # (B, 4, 8, 8), about unit variance
             with no_sync(model, m == micro - 1):  # t, eps ~ g; x_t by Ho et al. 2020 eq. 4; |eps - eps_theta|^2
-                loss = eps_loss(model, tokenizer(captions), x0, alpha_bar, g)
+                loss = eps_loss(model, tokenizer(captions), x0, schedule, g)
                 (loss / micro).backward()
         norm = optimizer_step(opt, denoiser.parameters(), cfg, lr_at(step, cfg.unet_lr, cfg, cfg.unet_steps))
         ema_update(ema, denoiser, cfg.ema_decay, step)

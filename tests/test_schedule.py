@@ -126,3 +126,15 @@ def test_cosine_schedule_shape():
     assert s.betas.max().item() == pytest.approx(0.999)
     assert s.alpha_bar[0].item() == pytest.approx(math.cos(1.008 ** -1 * 0.008 * math.pi / 2) ** -2
                                                   * math.cos((1 / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2, rel=1e-6)
+
+
+def test_add_noise_at_a_batch_of_t_is_q_at_each():
+    """One home for q(x_t | x_0): Schedule.add_noise at a tensor of timesteps (training: one per image)
+    is, row by row, the same computation as at one integer t (the samplers' img2img start)."""
+    sched = Schedule.sd1()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    x_t = sched.add_noise(x0, eps, t)
+    for i, ti in enumerate(t.tolist()):
+        torch.testing.assert_close(x_t[i], sched.add_noise(x0[i], eps[i], ti), rtol=0, atol=0)
