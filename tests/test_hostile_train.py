@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from bounded import assert_one_line_error, run_bounded
-from ldm import finetune, recipe, runfiles, shapes, train
+from ldm import finetune, recipe, runfiles, train
 from test_finetune import MICRO as FT_MICRO, tiny
 from test_train import micro
 

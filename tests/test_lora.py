@@ -23,7 +23,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 import ref_clip
 import ref_lora
