@@ -66,6 +66,7 @@ __all__ = ["load", "Pipeline", "Result", "Options", "LoadedLoRA", "NonFiniteErro
 
 log = logging.getLogger(__name__)
 
+
 class NonFiniteError(FloatingPointError):
     """A latent or an image holds NaN or inf (typically fp16 overflow): refused rather than saved black."""
 
