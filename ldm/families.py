@@ -50,6 +50,7 @@ made-up family with a fourth stage and an extra conditioning vector that way.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping
@@ -57,7 +58,7 @@ from typing import Callable, Mapping
 import torch
 
 from ldm.clip import CLIPTextConfig, CLIPTextModel
-from ldm.conditioning import TextContext
+from ldm.conditioning import TextContext, TwoTowersAndSizes
 from ldm.openclip import OpenCLIPTextConfig, OpenCLIPTextModel
 from ldm.schedule import Schedule
 from ldm.tokenizer import CLIPTokenizer
@@ -140,12 +141,17 @@ class Family:
     # transformers' proj_in is linear (2-D weight) rather than a 1x1 convolution (4-D)
     unet_in_channels: int
     linear_proj: bool
-    text_width_key: str  # the text encoder tensor whose shape[1] is the context width the UNet attends to
+    # the text tensor whose shape[1] is the context width the UNet attends to: one key of the
+    # "text_encoder" stage, or {stage: key} for a family whose context concatenates towers (SDXL)
+    text_width_key: str | Mapping[str, str]
     # prompts -> what the UNet takes (ldm.conditioning): SD 1.x/2.x one tower's output as the context
     conditioner: Callable[[], object] = TextContext
     prediction_type: str = "epsilon"  # what its UNet outputs: "epsilon", "v_prediction" or "sample"
     prediction_types: tuple[str, ...] = ("epsilon",)  # what a user may override it with
-    schedule: Callable[[], Schedule] = Schedule.sd1  # the training noise schedule (SD 1.x and 2.x share it)
+    schedule: Callable[[], Schedule] = Schedule.sd1  # the training noise schedule (SD 1.x, 2.x and XL share it)
+    # the timestep spacing every sampler defaults to (its published scheduler config's; None: each sampler's
+    # own, as SD 1.x's config names none); a diffusers folder's scheduler config or spacing= overrides it
+    spacing: str | None = None
     latent_rgb_factors: tuple[tuple[float, ...], ...] = SD_LATENT_RGB_FACTORS  # (latent channels, 3)
     downloads: tuple[Download, ...] = ()
     # Stability's model spec id (safetensors metadata "modelspec.architecture"), which names the SD 2.x
@@ -172,6 +178,12 @@ class Family:
     @property
     def stage_names(self) -> tuple[str, ...]:
         return tuple(st.name for st in self.stages)
+
+    @property
+    def text_width_keys(self) -> Mapping[str, str]:
+        """{text stage: the tensor whose shape[1] is its width}; the UNet's context is their sum."""
+        keys = self.text_width_key
+        return MappingProxyType({"text_encoder": keys} if isinstance(keys, str) else dict(keys))
 
     @property
     def prefixes(self) -> Mapping[str, str]:
@@ -255,6 +267,38 @@ def _sd2_stages(latent_side: int) -> tuple[Stage, ...]:
     return sd_stages(SD2_PREFIXES, configs, SD2_MODELS, _sd2_tokenizer)
 
 
+# SDXL base 1.0 (generative-models' sd_xl_base.yaml; DESIGN.md "SDXL"): two text towers, CLIP ViT-L (SD 1.x's,
+# read at its penultimate layer) and OpenCLIP ViT-bigG (32 blocks, 1280 wide, penultimate layer without
+# ln_final, plus a pooled vector), a 2048-wide context; a three-level UNet with 10-block transformers and a
+# 2816-wide vector y (ldm.conditioning.TwoTowersAndSizes); SD's VAE at scaling factor 0.13025 (it overflows
+# fp16: ldm.load keeps it in float32 under an fp16 UNet). Its published scheduler config: Euler with
+# "leading" spacing and steps_offset 1 (SD 1.x's betas).
+SDXL_PREFIXES = MappingProxyType({"text_encoder": "conditioner.embedders.0.transformer.",
+                                  "text_encoder_2": "conditioner.embedders.1.model.",
+                                  "unet": "model.diffusion_model.", "vae": "first_stage_model."})
+SDXL_WIDTH_KEYS = MappingProxyType({"text_encoder": "text_model.embeddings.token_embedding.weight",
+                                    "text_encoder_2": "token_embedding.weight"})
+SDXL_VAE = VAEConfig(scaling_factor=0.13025)
+
+
+def _sdxl_stages(configs: Mapping[str, object]) -> tuple[Stage, ...]:
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": OpenCLIPTextModel, "unet": UNetModel,
+               "vae": AutoencoderKL}
+    tokenizers = {"text_encoder": CLIPTokenizer, "text_encoder_2": _sd2_tokenizer}
+    return tuple(Stage(name, prefix, configs[name], classes[name], tokenizers.get(name))
+                 for name, prefix in SDXL_PREFIXES.items())
+
+
+def _tiny_sdxl_configs() -> dict[str, object]:
+    """SDXL's shapes at test widths: towers of different widths (32 and 64: diffusers' single-file loader
+    tells them apart by that), a 96-wide context, y = pooled 64 + 6 x 8 size features = 112."""
+    te2 = OpenCLIPTextConfig.tiny_bigg()
+    te1 = CLIPTextConfig.tiny()
+    return {"text_encoder": te1, "text_encoder_2": te2,
+            "unet": UNetConfig.tiny_sdxl(context_dim=te1.hidden_size + te2.width, adm_in_channels=te2.embed_dim + 6 * 8),
+            "vae": dataclasses.replace(VAEConfig.tiny(), scaling_factor=SDXL_VAE.scaling_factor)}
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd1", "SD 1.x", "an SD 1.x checkpoint", unet_in_channels=4, modelspec="stable-diffusion-v1",
            stages=sd_stages(SD1_PREFIXES, {"text_encoder": CLIPTextConfig(), "unet": UNetConfig(), "vae": VAEConfig()},
@@ -287,6 +331,18 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                                5_214_604_494, "dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
                                "CreativeML OpenRAIL++-M"),),
            **_SD2),
+    Family("sdxl", "SDXL (base 1.0)", "an SDXL base checkpoint", unet_in_channels=4, linear_proj=True,
+           stages=_sdxl_stages({"text_encoder": CLIPTextConfig(), "text_encoder_2": OpenCLIPTextConfig.bigg(),
+                                "unet": UNetConfig.sdxl(), "vae": SDXL_VAE}),
+           text_width_key=SDXL_WIDTH_KEYS, conditioner=TwoTowersAndSizes, spacing="leading",
+           modelspec="stable-diffusion-xl-v1-base", tiny_configs=MappingProxyType(_tiny_sdxl_configs())),
+    # The SDXL refiner: another layout (its one text tower, bigG, at conditioner.embedders.0.model.; a
+    # 384-wide UNet with a 2560-wide y of pooled vector + size + aesthetic score). A slot: named and refused.
+    Family("sdxl-refiner", "SDXL refiner", "an SDXL refiner checkpoint (conditioner.embedders.0.model.*: the "
+           "ViT-bigG tower alone; an img2img model for SDXL's last steps); ldm runs SDXL base",
+           stages=(Stage("text_encoder", "conditioner.embedders.0.model."), Stage("unet", "model.diffusion_model."),
+                   Stage("vae", "first_stage_model.")),
+           unet_in_channels=4, linear_proj=True, text_width_key="token_embedding.weight"),
 )}
 
 

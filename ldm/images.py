@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-__all__ = ["from_pil", "mask_from_pil", "to_pil", "latent_preview", "preview_pil",
+__all__ = ["from_pil", "mask_from_pil", "to_pil", "latent_preview", "preview_pil", "a1111_hashes", "uses_word",
            "parameters_text", "save_png"]
 
 log = logging.getLogger(__name__)
@@ -168,3 +169,14 @@ def save_png(image: Image.Image, folder: str | Path, parameters: str, stem: str 
             path.unlink(missing_ok=True)  # our own half-written file, never someone else's
             raise
         return path
+
+
+def a1111_hashes(pairs) -> str | None:
+    """A1111's 'Lora hashes' / 'TI hashes' value: '"name: hash, name: hash"', or None for none."""
+    text = ", ".join(f"{name}: {h}" for name, h in pairs if h)
+    return f'"{text}"' if text else None
+
+
+def uses_word(word: str, *texts: str) -> bool:
+    """Does an embedding's word appear, as a word, in one of the texts (A1111 lists only those)?"""
+    return any(re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", t, re.IGNORECASE) for t in texts)

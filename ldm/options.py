@@ -31,7 +31,8 @@ class Options:
     """Every option of a generation, with its default (img2img's strength default is 0.75, set there)."""
 
     # the prompt
-    negative_prompt: str | list[str] = ""  # one for all prompts, or one per prompt
+    negative_prompt: str | list[str] | None = None  # one for all prompts, or one per prompt; None: no negative
+                                                     # prompt (SD 1.x/2.x encode "", SDXL's branch is zeros)
     clip_skip: int = 1  # A1111's count: 1 = the text encoder's last layer, 2 = the one before
     prompt_syntax: str = "plain"  # "plain" (as diffusers) or "a1111" (weights, BREAK, past 75 tokens)
     # the images
@@ -39,6 +40,10 @@ class Options:
     seed: int | list[int] | None = None  # image b gets seed + b; a list: one per image; None: random
     height: int | None = None  # pixels; None: the model's default size (txt2img), or the image's
     width: int | None = None
+    # SDXL's size conditioning (ldm.conditioning), each (h, w) or (top, left) in pixels
+    original_size: tuple[int, int] | None = None  # None: (height, width)
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None  # None: (height, width)
     # the sampler (ldm.samplers)
     steps: int = 25
     scheduler: str = "euler"  # a name in ldm.samplers.SAMPLERS
@@ -92,6 +97,30 @@ def check_prompt_options(clip_skip, prompt_syntax, layers: int) -> None:
                          "(A1111's count: 1 = the last layer, 2 = the one before)")
 
 
+MAX_SIZE_NUMBER = 16384  # pixels: four times SDXL's largest training bucket side, far past any image ldm makes
+
+
+def check_size_conditioning(opts: Options, pipe) -> None:
+    """original_size / crops_coords_top_left / target_size: pairs of ints in range, and only for a family
+    whose conditioner reads them (SDXL's); one-line ValueErrors naming the value and what is allowed."""
+    given = {name: getattr(opts, name) for name in ("original_size", "crops_coords_top_left", "target_size")}
+    default = {"original_size": None, "crops_coords_top_left": (0, 0), "target_size": None}
+    if not getattr(pipe.conditioner, "takes_sizes", False):
+        for name, v in given.items():
+            if (tuple(v) if isinstance(v, (tuple, list)) else v) != default[name]:
+                raise ValueError(f"{name}={v!r}: the {pipe.family.name} family ({pipe.family.title}) takes no "
+                                 f"size conditioning; it is SDXL's (leave it out)")
+        return
+    for name, v in given.items():
+        low = 0 if name == "crops_coords_top_left" else 1
+        ok = v is None and name != "crops_coords_top_left" or isinstance(v, (tuple, list)) and len(v) == 2 \
+            and all(_is_int(n) and low <= n <= MAX_SIZE_NUMBER for n in v)
+        if not ok:
+            what = "(top, left)" if low == 0 else "(height, width)"
+            raise ValueError(f"{name}={v!r} must be {what}: two integers from {low} to {MAX_SIZE_NUMBER} pixels"
+                             + ("" if low == 0 else ", or None for the image's size"))
+
+
 def check(opts: Options, pipe, mode: str, n_prompts: int) -> Options:
     """The one place a generation's options are checked: one-line ValueErrors that name the value and
     what is allowed. Returns the options with the pipeline's defaults filled in (spacing,
@@ -99,13 +128,16 @@ def check(opts: Options, pipe, mode: str, n_prompts: int) -> Options:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
     # 1. the prompt
-    negatives = [opts.negative_prompt] if isinstance(opts.negative_prompt, str) else opts.negative_prompt
-    if not (isinstance(negatives, (list, tuple)) and negatives and all(isinstance(n, str) for n in negatives)):
-        raise ValueError(f"negative_prompt={opts.negative_prompt!r} must be a str or a non-empty list of str")
-    if not isinstance(opts.negative_prompt, str) and len(negatives) != n_prompts:
+    negatives = [opts.negative_prompt] if isinstance(opts.negative_prompt, (str, type(None))) else opts.negative_prompt
+    if not (isinstance(negatives, (list, tuple)) and negatives
+            and all(isinstance(n, (str, type(None))) for n in negatives)):
+        raise ValueError(f"negative_prompt={opts.negative_prompt!r} must be None (no negative prompt), a str, "
+                         f"or a non-empty list of str")
+    if isinstance(opts.negative_prompt, (list, tuple)) and len(negatives) != n_prompts:
         raise ValueError(f"negative_prompt has {len(negatives)} entries for {n_prompts} prompts; "
                          f"give one str or one per prompt")
     check_prompt_options(opts.clip_skip, opts.prompt_syntax, pipe.text_encoder.config.num_hidden_layers)
+    check_size_conditioning(opts, pipe)
     # 2. the images
     if not _is_int(opts.num_images) or opts.num_images < 1:
         raise ValueError(f"num_images={opts.num_images!r} must be an integer >= 1 (images per prompt)")

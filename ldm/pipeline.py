@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -123,17 +122,6 @@ class LoadedLoRA:
     handle: lora_files.Applied
 
 
-def _hashes(pairs) -> str | None:
-    """A1111's 'Lora hashes' / 'TI hashes' value: '"name: hash, name: hash"', or None for none."""
-    text = ", ".join(f"{name}: {h}" for name, h in pairs if h)
-    return f'"{text}"' if text else None
-
-
-def _uses(word: str, *texts: str) -> bool:
-    """Does an embedding's word appear, as a word, in one of the texts (A1111 lists only those)?"""
-    return any(re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", t, re.IGNORECASE) for t in texts)
-
-
 class Pipeline:
     """The family's networks + their tokenizers + schedule, on one device. Build it with ldm.load.
 
@@ -159,7 +147,7 @@ class Pipeline:
         self.schedule = schedule or self.family.schedule()
         self.name = name
         self.prediction_type = check_prediction_type(prediction_type or self.family.prediction_type)
-        self.spacing = spacing
+        self.spacing = spacing if spacing is not None else self.family.spacing  # the family's published default
         self.loras: list[LoadedLoRA] = []  # in the order loaded; unload_loras() takes them all off
         self.embeddings: list[prompt_syntaxes.Embedding] = []
 
@@ -243,6 +231,10 @@ class Pipeline:
 
     def load_embedding(self, path, name: str | None = None) -> prompt_syntaxes.Embedding:
         """Add a textual-inversion embedding as the prompt word `name` (default: from the file)."""
+        if len(self.tokenizers) > 1:
+            raise ValueError(f"load_embedding: the {self.family.name} family has {len(self.tokenizers)} text towers "
+                             f"({', '.join(self.tokenizers)}); ldm loads textual-inversion embeddings for one-tower "
+                             f"families (SD 1.x, 2.x) only")
         emb = prompt_syntaxes.load_embedding(path, self.tokenizer, self.text_encoder, name=name)
         self.embeddings.append(emb)
         return emb
@@ -287,10 +279,15 @@ class Pipeline:
         return torch.cat(out)  # (B, 3, H, W)
 
     @torch.no_grad()
-    def condition(self, prompts: list[str], *, clip_skip: int = 1, prompt_syntax: str = "plain") -> Conditioning:
-        """prompts -> what the UNet is conditioned on, by the family's conditioner (ldm.conditioning):
-        SD 1.x / 2.x a context (B, 77, C) from encode_prompt and no vector; other families may add y."""
-        return self.conditioner(self, prompts, clip_skip=clip_skip, prompt_syntax=prompt_syntax).to(self.dtype)
+    def condition(self, prompts: list[str | None], **kwargs) -> Conditioning:
+        """prompts (None: no text, a missing negative prompt) -> what the UNet is conditioned on, by the
+        family's conditioner (ldm.conditioning): SD 1.x / 2.x a context (B, 77, C); SDXL a (B, 77, 2048)
+        context and y (B, 2816). kwargs: the Options it reads (clip_skip, prompt_syntax; SDXL's sizes)."""
+        o = Options.from_kwargs(kwargs)
+        o = dataclasses.replace(o, height=o.height or self.default_size, width=o.width or self.default_size)
+        opts_mod.check_prompt_options(o.clip_skip, o.prompt_syntax, self.text_encoder.config.num_hidden_layers)
+        opts_mod.check_size_conditioning(o, self)
+        return self.conditioner(self, list(prompts), o).to(self.dtype)
 
     def eps_fn(self, cond: Conditioning | torch.Tensor, guidance: float, extra: torch.Tensor | None = None):
         """The network as the samplers call it: eps_fn(x, t) -> the guided output, float32: eps, or v for a
@@ -358,7 +355,11 @@ class Pipeline:
         mask (1, 1, H, W) in {0, 1} for img2img / inpaint."""
         prompts = _prompt_list(prompt)
         o = opts_mod.check(opts, self, mode, len(prompts))  # every option checked, defaults filled in
-        negatives = [o.negative_prompt] * len(prompts) if isinstance(o.negative_prompt, str) else list(o.negative_prompt)
+        negatives = (list(o.negative_prompt) if isinstance(o.negative_prompt, (list, tuple))
+                     else [o.negative_prompt] * len(prompts))  # None: no negative prompt (ldm.conditioning)
+        if o.guidance == 1.0 and any(negatives):
+            log.warning("guidance=1 runs no unconditional pass, so the negative prompt has no effect "
+                        "(guidance > 1 uses it)")
         B = len(prompts) * o.num_images
         seeds = self._seeds(o.seed, B)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # one per image, on the CPU
@@ -370,7 +371,7 @@ class Pipeline:
         #    (77 n tokens with prompt_syntax="a1111": prompts and negatives encoded together, so that
         #    both have the same number of chunks)
         texts = prompts + negatives if o.guidance != 1.0 else prompts
-        encoded = self.condition(texts, clip_skip=o.clip_skip, prompt_syntax=o.prompt_syntax)
+        encoded = self.conditioner(self, texts, o).to(self.dtype)
         cond = encoded[:len(prompts)].repeat_interleave(o.num_images)
         if o.guidance != 1.0:
             cond = Conditioning.cat([encoded[len(prompts):].repeat_interleave(o.num_images), cond])
@@ -423,13 +424,13 @@ class Pipeline:
         pil = imgs.to_pil(self.decode(latents, o.tile))
         params = [imgs.parameters_text(
             prompts[b // o.num_images] + "".join(f" <lora:{lo.name}:{lo.weight:g}>" for lo in self.loras),
-            negatives[b // o.num_images], steps=o.steps, sampler=o.scheduler,
+            negatives[b // o.num_images] or "", steps=o.steps, sampler=o.scheduler,
             cfg_scale=o.guidance, seed=seeds[b], size=f"{o.width}x{o.height}", model=self.name or None,
             denoising_strength=o.strength if mode != "txt2img" else None,
             clip_skip=o.clip_skip if o.clip_skip != 1 else None,
-            lora_hashes=_hashes((lo.name, lo.hash) for lo in self.loras),
-            ti_hashes=_hashes((e.name, imgs.short_hash(e.path)) for e in self.embeddings
-                              if _uses(e.name, prompts[b // o.num_images], negatives[b // o.num_images])),
+            lora_hashes=imgs.a1111_hashes((lo.name, lo.hash) for lo in self.loras),
+            ti_hashes=imgs.a1111_hashes((e.name, imgs.short_hash(e.path)) for e in self.embeddings
+                              if imgs.uses_word(e.name, prompts[b // o.num_images], negatives[b // o.num_images] or "")),
             prompt_syntax=o.prompt_syntax if o.prompt_syntax != "plain" else None, mode=mode) for b in range(B)]
         return Result(pil, latents, x0_preds, previews_out, seeds, params)
 

@@ -183,10 +183,11 @@ class UNetConfig:
                                  context_dim=2048, adm_in_channels=2816, sample_size=128), **changes})
 
     @classmethod
-    def tiny_sdxl(cls) -> "UNetConfig":
-        """sdxl() at widths 32/64/64: 16-channel heads, depths (1, 1, 2) (level 0 unused, middle 2), y of 24."""
-        return cls.sdxl(model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(1, 1, 2),
-                        num_head_channels=16, context_dim=40, adm_in_channels=24)
+    def tiny_sdxl(cls, **changes) -> "UNetConfig":
+        """sdxl() at widths 32/64/64: 16-channel heads, depths (1, 1, 2) (level 0 unused, middle 2); the
+        context and y of the tiny towers (ldm.families' sdxl tiny_configs): 32 + 64 = 96, 64 + 6 x 8 = 112."""
+        return cls.sdxl(**{**dict(model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(1, 1, 2),
+                                  num_head_channels=16, context_dim=96, adm_in_channels=112, sample_size=8), **changes})
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

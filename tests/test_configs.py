@@ -68,7 +68,7 @@ def _meta_state(cls, config) -> dict:
 @pytest.mark.parametrize("family", [f.name for f in families.supported()])
 def test_full_size_shapes_give_exactly_the_familys_configs(family):
     fam = families.get(family)
-    stages = {stage: _meta_state(fam.models[stage], fam.configs[stage]) for stage in families.STAGES}
+    stages = {stage: _meta_state(fam.models[stage], fam.configs[stage]) for stage in fam.stage_names}
     ck = Checkpoint(None, "state_dict", family, stages)
     assert from_tensors(ck) == dict(fam.configs)
     assert configs_for(ck) == dict(fam.configs)  # no metadata: the tensors
@@ -187,8 +187,8 @@ def _unet_read_back(unet_config: UNetConfig, family: UNetConfig = UNetConfig.sdx
 
 def test_sdxl_shaped_unets_read_back_their_configs_from_the_tensors():
     assert _unet_read_back(UNetConfig.sdxl()) == UNetConfig.sdxl()                 # (1, 2, 10): level 0's reads 1
-    tiny_xl = UNetConfig.tiny_sdxl()                # heads 16 wide: no shape says it, the rule gives gcd(32, 64) = 32
-    assert _unet_read_back(tiny_xl) == dataclasses.replace(tiny_xl, num_head_channels=32)
+    tiny_xl = UNetConfig.tiny_sdxl()                # heads 16 wide: no shape says it (gcd(32, 64) = 32); sample size: the record's
+    assert _unet_read_back(tiny_xl) == dataclasses.replace(tiny_xl, num_head_channels=32, sample_size=128)
     assert _unet_read_back(dataclasses.replace(tiny_xl, transformer_depth=(5, 2, 2))).transformer_depth == 2  # equal
     sd1 = dataclasses.replace(UNetConfig(), transformer_depth=(1, 1, 1, 2))   # level 3 without attention: the middle's
     assert _unet_read_back(sd1, UNetConfig()) == sd1

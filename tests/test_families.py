@@ -34,7 +34,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*"
 
 def test_every_record_is_consistent():
     for name, fam in families.FAMILIES.items():
-        assert fam.name == name and str(fam) == name and fam.stage_names == families.STAGES
+        assert fam.name == name and str(fam) == name
+        assert fam.stage_names == (families.STAGES if not name.startswith("sdxl") else
+                                   ("text_encoder", "text_encoder_2", "unet", "vae") if fam.supported else families.STAGES)
         assert fam.prediction_type in fam.prediction_types
         for d in fam.downloads:
             assert d.size > 10**9 and len(d.sha256) == 64 and int(d.sha256, 16) >= 0 and d.repo.count("/") == 1
@@ -46,7 +48,15 @@ def test_every_record_is_consistent():
     sd1, inpaint = families.get("sd1"), families.get("sd1-inpaint")
     assert (sd1.default_size, sd1.scaling_factor, sd1.prediction_type) == (512, 0.18215, "epsilon")
     assert inpaint.configs["unet"].in_channels == inpaint.unet_in_channels == 9
-    assert [f.name for f in families.supported()] == ["sd1", "sd1-inpaint", "sd2", "sd2-v"]
+    assert [f.name for f in families.supported()] == ["sd1", "sd1-inpaint", "sd2", "sd2-v", "sdxl"]
+    xl = families.get("sdxl")
+    assert (xl.default_size, xl.scaling_factor, xl.spacing, xl.schedule().steps_offset) == (1024, 0.13025, "leading", 1)
+    assert xl.configs["unet"].context_dim == xl.configs["text_encoder"].hidden_size + xl.configs["text_encoder_2"].width
+    assert xl.configs["unet"].adm_in_channels == xl.configs["text_encoder_2"].embed_dim + 6 * 256 == 2816
+    tiny = xl.tiny_configs
+    assert tiny["unet"].adm_in_channels == tiny["text_encoder_2"].embed_dim + 6 * 8
+    assert tiny["unet"].context_dim == tiny["text_encoder"].hidden_size + tiny["text_encoder_2"].width
+    assert not families.get("sdxl-refiner").supported
     base, v = families.get("sd2"), families.get("sd2-v")  # one network, two predictions and sizes
     assert (v.prediction_type, v.default_size, v.prefixes["text_encoder"]) == ("v_prediction", 768, "cond_stage_model.model.")
     assert (base.prediction_type, base.default_size) == ("epsilon", 512)
@@ -56,7 +66,7 @@ def test_every_record_is_consistent():
     slot = dataclasses.replace(v, name="sd2-slot", stages=tuple(  # a slot: recognised, not built
         families.Stage(st.name, st.prefix) for st in v.stages))
     assert not slot.supported and slot.default_size is None and "not supported yet" in repr(slot)
-    with pytest.raises(ValueError, match=r"^family='sd3' is unknown; valid: sd1, sd1-inpaint, sd2, sd2-v$"):
+    with pytest.raises(ValueError, match=r"^family='sd3' is unknown; valid: sd1, sd1-inpaint, sd2, sd2-v, sdxl, sdxl-refiner$"):
         families.get("sd3")
 
 
@@ -227,8 +237,9 @@ class Pooler(torch.nn.Module):
 class PooledVector:
     """Its conditioner: the text tower's context, and the pooler's vector as y."""
 
-    def __call__(self, pipe, prompts, *, clip_skip=1, prompt_syntax="plain") -> Conditioning:
-        context = pipe.encode_prompt(prompts, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
+    def __call__(self, pipe, prompts, opts) -> Conditioning:  # opts: ldm.options.Options; None: no text
+        texts = ["" if p is None else p for p in prompts]
+        context = pipe.encode_prompt(texts, clip_skip=opts.clip_skip, prompt_syntax=opts.prompt_syntax)
         return Conditioning(context, pipe.pooler(context.to(pipe.pooler.proj.weight.dtype)))
 
 

@@ -156,29 +156,30 @@ def _shape(sd: dict, key: str, dim: int):
 def _check_against_tensors(where: str, configs: dict, ck) -> None:
     """The block counts and first widths a config names must be the tensors' (a config that
     asks for 10**6 layers would otherwise take hours to build before load_stage says no)."""
-    te, unet, vae = configs.get("text_encoder"), configs["unet"], configs["vae"]
+    unet, vae = configs["unet"], configs["vae"]
     L, n = len(unet.channel_mult), unet.num_res_blocks
     # bounded digits: int() of a hostile 5,000-digit index raises ValueError, not ours
     depths = {int(m.group(1)) for k in ck.unet if isinstance(k, str)
               for m in [re.search(r"\.transformer_blocks\.(\d{1,7})\.", k)] if m}
-    text = lambda key, dim: _shape(ck.text_encoder, key, dim)
-    if isinstance(te, CLIPTextConfig):  # each text tower under its own names
-        embedding = "text_model.embeddings.token_embedding.weight"
-        checks = [
-            ("text_encoder", "num_hidden_layers", te.num_hidden_layers,
-             _count(ck.text_encoder, "text_model.encoder.layers.")),
-            ("text_encoder", "hidden_size", te.hidden_size, text(embedding, 1)),
-            ("text_encoder", "vocab_size", te.vocab_size, text(embedding, 0)),
-            ("text_encoder", "max_position_embeddings", te.max_position_embeddings,
-             text("text_model.embeddings.position_embedding.weight", 0))]
-    elif isinstance(te, OpenCLIPTextConfig):  # OpenCLIP (SD 2.x)
-        checks = [
-            ("text_encoder", "layers", te.layers, _count(ck.text_encoder, "transformer.resblocks.")),
-            ("text_encoder", "width", te.width, text("token_embedding.weight", 1)),
-            ("text_encoder", "vocab_size", te.vocab_size, text("token_embedding.weight", 0)),
-            ("text_encoder", "context_length", te.context_length, text("positional_embedding", 0))]
-    else:  # a family without such a tower: the strict load checks it
-        checks = []
+    checks = []
+    for stage, te in configs.items():  # each text tower under its own names (SDXL has two)
+        sd = getattr(ck, stage)
+        text = lambda key, dim: _shape(sd, key, dim)
+        if isinstance(te, CLIPTextConfig):
+            embedding = "text_model.embeddings.token_embedding.weight"
+            checks += [
+                (stage, "num_hidden_layers", te.num_hidden_layers, _count(sd, "text_model.encoder.layers.")),
+                (stage, "hidden_size", te.hidden_size, text(embedding, 1)),
+                (stage, "vocab_size", te.vocab_size, text(embedding, 0)),
+                (stage, "max_position_embeddings", te.max_position_embeddings,
+                 text("text_model.embeddings.position_embedding.weight", 0))]
+        elif isinstance(te, OpenCLIPTextConfig):  # OpenCLIP (SD 2.x, SDXL's second tower)
+            checks += [
+                (stage, "layers", te.layers, _count(sd, "transformer.resblocks.")),
+                (stage, "width", te.width, text("token_embedding.weight", 1)),
+                (stage, "vocab_size", te.vocab_size, text("token_embedding.weight", 0)),
+                (stage, "context_length", te.context_length, text("positional_embedding", 0))]
+        # a stage of another kind: the strict load checks it
     checks += [
         ("unet", "channel_mult and num_res_blocks (input blocks)", 1 + L * n + L - 1, _count(ck.unet, "input_blocks.")),
         ("unet", "channel_mult and num_res_blocks (output blocks)", L * (n + 1), _count(ck.unet, "output_blocks.")),

@@ -2,11 +2,13 @@
 
 The rule, in order (each refusal is one line naming what the file looks like):
 
-1. Other kinds of files are named: textual-inversion embeddings, LoRAs, SDXL, a VAE or one
+1. Other kinds of files are named: textual-inversion embeddings, LoRAs, a VAE or one
    diffusers component on its own, anything without a UNet (`other_kind`).
-2. The layout: the first family layout whose text-encoder prefix the keys carry
-   (cond_stage_model.transformer.* is SD 1.x's, cond_stage_model.model.* SD 2.x's); a layout whose
-   families are all slots (ldm.families: configs None) is refused by name. `split` cuts the keys
+2. The layout: of the family layouts whose every stage prefix the keys carry, the one with the most
+   stages, else the first whose text-encoder prefix they carry (cond_stage_model.transformer.* is
+   SD 1.x's, cond_stage_model.model.* SD 2.x's, conditioner.embedders.{0.transformer,1.model}.* SDXL
+   base's); a layout whose families are all slots (ldm.families: configs None; the SDXL refiner's
+   conditioner.embedders.0.model.*) is refused by name. `split` cuts the keys
    into one state dict per stage with that layout's prefixes.
 3. The family: the UNet's traits, `input_blocks.0.0.weight.shape[1]` (4 channels; 9 for inpainting:
    latent + mask + masked-image latent) and whether its transformers' proj_in is linear (SD 2.x) or
@@ -38,8 +40,6 @@ def other_kind(where, raw: dict) -> None:
         raise unsupported(where, "a textual-inversion embedding (string_to_param / emb_params)")
     if starts("lora_unet_", "lora_te") or has(".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down."):
         raise unsupported(where, "a LoRA (low-rank adapter weights)")
-    if starts("conditioner.embedders."):
-        raise unsupported(where, "an SDXL checkpoint (conditioner.embedders.*)")
     if starts(*{f.prefixes["unet"] for f in families.FAMILIES.values()}):
         return
     tensors = [v for v in raw.values() if isinstance(v, Tensor)]
@@ -121,11 +121,13 @@ def split(where, raw: dict, layout: Family, ema: bool) -> tuple[dict[str, dict[s
     return stages, ignored
 
 
-def traits(where, unet: dict[str, Tensor], text_encoder: dict[str, Tensor], layout: Family) -> tuple[int, bool]:
+def traits(where, stages: dict[str, dict[str, Tensor]], layout: Family) -> tuple[int, bool]:
     """(the UNet's input channels, whether its proj_in is linear), after checking the tensors detection reads."""
+    unet = stages["unet"]
     if "input_blocks.0.0.weight" not in unet:
         raise CheckpointError(f"{where}: the UNet has no input_blocks.0.0.weight; not an SD UNet. {supported_text()}.")
-    for key, sd, ndim in (("input_blocks.0.0.weight", unet, 4), (layout.text_width_key, text_encoder, 2),
+    text = [(key, stages.get(stage, {}), 2) for stage, key in layout.text_width_keys.items()]
+    for key, sd, ndim in (("input_blocks.0.0.weight", unet, 4), *text,
                           *((k, unet, 2) for k in unet if k.endswith("attn2.to_k.weight"))):
         if key in sd and sd[key].ndim != ndim:      # detection below reads shape[1] of each
             raise CheckpointError(f"{where}: {key} is a {sd[key].ndim}-D tensor of shape {tuple(sd[key].shape)}; "
@@ -140,8 +142,8 @@ def family_of(where, stages: dict[str, dict[str, Tensor]], layout: list[Family],
     folder every family, named as layout[0] names the text encoder), by the UNet's traits; a one-line
     CheckpointError naming what the file looks like if no supported family has them. `prediction_type`
     (a folder's scheduler config) picks among families with the same traits."""
-    unet, text = stages["unet"], stages["text_encoder"]
-    channels, linear = traits(where, unet, text, layout[0])
+    unet = stages["unet"]
+    channels, linear = traits(where, stages, layout[0])
     matches = [f for f in layout if (f.unet_in_channels, f.linear_proj) == (channels, linear)]
     if not matches:  # another layout's family (e.g. SD 2.x's linear proj_in under SD 1.x's text keys)?
         other = next((f for f in families.FAMILIES.values() if (f.unet_in_channels, f.linear_proj) == (channels, linear)), None)
@@ -153,10 +155,12 @@ def family_of(where, stages: dict[str, dict[str, Tensor]], layout: list[Family],
         known = ", ".join(f"{f.title}: {f.unet_in_channels}" for f in layout)
         raise unsupported(where, f"{what} with {channels} input channels ({known})")
     to_k = next((t for k, t in unet.items() if k.endswith("attn2.to_k.weight")), None)
-    width = text.get(layout[0].text_width_key)
-    if to_k is not None and width is not None and to_k.shape[1] != width.shape[1]:
+    widths = [stages.get(stage, {}).get(key) for stage, key in layout[0].text_width_keys.items()]
+    if to_k is not None and all(w is not None for w in widths) and to_k.shape[1] != sum(w.shape[1] for w in widths):
+        towers = " + ".join(str(w.shape[1]) for w in widths)
         raise unsupported(where, f"a model whose UNet attends to a {to_k.shape[1]}-wide context while its "
-                                 f"text encoder is {width.shape[1]} wide (SD 2.x uses a 1024-wide context)")
+                                 f"text encoder{'s are' if len(widths) > 1 else ' is'} {towers} wide "
+                                 f"(SD 1.x: 768, SD 2.x: 1024, SDXL: 768 + 1280)")
     fam = next((f for f in matches if f.prediction_type == prediction_type), matches[0])
     if not fam.supported:
         raise unsupported(where, fam.looks_like)
