@@ -129,14 +129,42 @@ def cmd_random_checkpoint(args) -> None:
           f"random weights in the {family.title} single-file layout; its images are noise")
 
 
+def cmd_explore(args) -> None:
+    """`ldm explore`: listen first (a taken port fails before the model loads), then load, then serve."""
+    import ldm
+    from ldm.explore import bind
+
+    server = bind(args.host, args.port, allow_remote=args.allow_remote)
+    try:
+        server.attach(ldm.load(find_checkpoint(args.checkpoint)))
+        print(f"ldm explore: open {server.url} in a browser (Ctrl-C stops the server)", flush=True)
+        server.serve()
+    except KeyboardInterrupt:
+        print("ldm explore: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+
+
 # ---- generation ----------------------------------------------------------------------------------
 def _size(text: str) -> tuple[int, int]:
     """'512x768' -> (width 512, height 768)."""
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} must look like WIDTHxHEIGHT, e.g. 512x512") from None
+        w = h = 0
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r} must look like WIDTHxHEIGHT in positive pixels, "
+                                         f"e.g. 512x512")
     return w, h
+
+
+def _crop(text: str) -> tuple[int, int]:
+    """'32,0' -> (top 32, left 0)."""
+    try:
+        top, left = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"crop {text!r} must look like TOP,LEFT in pixels, e.g. 0,0") from None
+    return top, left
 
 
 def _writable_folder(folder: str | Path, what: str) -> Path:  # what: "--out outputs", for the error
@@ -209,7 +237,9 @@ def cmd_generate(args) -> None:
     tile = {"auto": None, "on": True, "off": False}[args.tile]
     kw = dict(steps=args.steps, scheduler=args.scheduler, guidance=args.guidance, seed=args.seed,
               negative_prompt=args.negative, num_images=args.num_images, progress=not args.quiet, tile=tile,
-              clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax)
+              clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax, crops_coords_top_left=args.crop,
+              original_size=args.original_size and args.original_size[::-1],  # WxH -> (h, w)
+              target_size=args.target_size and args.target_size[::-1])
     if args.size:
         (width, height), size_arg = args.size, f"--size {args.size[0]}x{args.size[1]}"
     elif image is None:  # txt2img: the size the model was trained at
@@ -297,11 +327,17 @@ def _add_generation_options(s, size_default: str):
     s.add_argument("--scheduler", choices=SAMPLERS, default="euler")
     s.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default: random)")
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1: none)")
-    s.add_argument("--negative", default="", help="negative prompt")
+    s.add_argument("--negative", default=None, help="negative prompt (default: none; SDXL then uses zeros)")
     s.add_argument("--size", type=_size, default=None,
                    help="WIDTHxHEIGHT in pixels (default: " + ("the size the model was trained at: 512x512 "
                         "for SD 1.x, 64x64 for the shipped model)" if size_default == "model"
                         else "the image's; resizes it)"))
+    s.add_argument("--original-size", type=_size, default=None, metavar="WIDTHxHEIGHT",
+                   help="SDXL's size conditioning: the size the image 'had before resizing' (default: --size)")
+    s.add_argument("--target-size", type=_size, default=None, metavar="WIDTHxHEIGHT",
+                   help="SDXL's size conditioning: the size asked for (default: --size)")
+    s.add_argument("--crop", type=_crop, default=(0, 0), metavar="TOP,LEFT",
+                   help="SDXL's size conditioning: where a training crop 'cut' the image (default: 0,0)")
     s.add_argument("--num-images", type=int, default=1, help="images per prompt")
     s.add_argument("--out", default="outputs", help="output folder (created; files never overwritten)")
     s.add_argument("--device", type=_device, default=None,
@@ -382,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--family", choices=tuple(f.name for f in families.supported()), default=None,
                    help="its family's layout and shapes (default: sd1; sd2 and sd2-v: SD 2.x)")
     s.set_defaults(func=cmd_random_checkpoint)
+
+    s = command("explore", "a live page of every stage (tokens, context, steps, attention) on 127.0.0.1")
+    s.add_argument("--checkpoint", help="default: as for generate (the shipped shapes model if no other)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
+    s.add_argument("--allow-remote", action="store_true", help="allow a --host other machines can reach "
+                   "(the page has no login: anyone who reaches it can run the model)")
+    s.set_defaults(func=cmd_explore)
     return p
 
 

@@ -230,3 +230,30 @@ def test_the_sd1_uncond_branch_is_still_the_empty_prompt(tmp_path):
     a = pipe.generate("x", steps=2, height=32, width=32, seed=0, progress=False)
     b = pipe.generate("x", negative_prompt="", steps=2, height=32, width=32, seed=0, progress=False)
     torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+
+
+# ---- the source document's job, as one command (tiny) ----------------------------------------------
+def test_the_job_is_one_command_four_images_a_drawn_seed_and_a_one_line_note(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    models, configs = weights.random_stages("tiny", seed=4, family="sdxl")
+    path = weights.write_single_file(tmp_path / "xl.safetensors", models, family="sdxl", configs=configs)
+    run = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "a red circle", "--checkpoint", str(path),
+                          "--scheduler", "lcm", "--steps", "4", "--guidance", "1", "--num-images", "4",
+                          "--size", "64x64", "--negative", "low quality, blurry, text, watermark",
+                          "--out", str(tmp_path / "outputs"), "-q"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    notes = [line for line in run.stderr.splitlines() if "negative prompt has no effect" in line]
+    assert len(notes) == 1, run.stderr[-2000:]
+    pngs = sorted((tmp_path / "outputs").glob("*.png"))
+    assert len(pngs) == 4
+    seeds = []
+    for png in pngs:
+        with Image.open(png) as im:
+            text = im.text["parameters"]
+        assert "Sampler: lcm" in text and "Steps: 4" in text and "CFG scale: 1" in text
+        seeds.append(int(text.split("Seed: ")[1].split(",")[0]))
+    assert len(set(seeds)) == 4 and seeds == list(range(seeds[0], seeds[0] + 4))  # drawn once, then seed + i
