@@ -211,10 +211,11 @@ class Pipeline:
 
     # ---- adapters ---------------------------------------------------------------------------
     def load_lora(self, path, weight: float = 1.0, *, merge: bool = True, strict: bool = True) -> LoadedLoRA:
-        """Apply a LoRA file (or an ldm.lora.LoRA) to the UNet and text encoder at `weight`.
+        """Apply a LoRA file (or an ldm.lora.LoRA) to the networks it adapts (UNet, text encoders) at `weight`.
 
         merge=True adds weight * alpha / r * up @ down into the weights (no cost per step);
-        merge=False adds it in forward hooks. strict=False skips keys that match no module.
+        merge=False adds it in forward hooks (refused for an OpenCLIP tower's q/k/v, rows of a fused
+        projection: SD 2.x's, SDXL's bigG). strict=False skips keys that match no module.
         Everything is checked before a weight changes: a refused file leaves the pipeline as it was.
         """
         lo = path if isinstance(path, lora_files.LoRA) else lora_files.read(path)

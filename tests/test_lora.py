@@ -356,7 +356,7 @@ def t(*shape):
 
 
 @pytest.mark.parametrize("sd,match", [
-    ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": t(4, 32)}, r"an SDXL LoRA"),
+    ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": t(4, 32)}, r"text_model_encoder_layers_0_mlp_fc1 \(text_encoder of an SDXL LoRA\) has no up matrix"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t(4, 32, 1, 1),
       "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": t(32, 3, 1, 1)}, r"rank mismatch: down \(4, 32, 1, 1\) has rank 4, up \(32, 3, 1, 1\) has rank 3"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t(4, 32, 1, 1)}, r"has no up matrix"),

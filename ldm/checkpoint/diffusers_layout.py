@@ -42,6 +42,7 @@ class KeyMapConfig:
     unet_attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with a SpatialTransformer
     vae_levels: int = 4
     vae_layers_per_block: int = 2
+    unet_label_emb: bool = False                    # SDXL: a vector y through label_emb (diffusers' add_embedding)
 
     @classmethod
     def tiny(cls) -> KeyMapConfig:
@@ -77,6 +78,7 @@ class KeyMapConfig:
             raise CheckpointError(f"unet config: layers_per_block={unet_config['layers_per_block']} "
                                   "differs between levels; SD 1.x uses one value")
         return cls(unet_levels=len(down), unet_layers_per_block=int(layers.pop()), unet_attention_levels=attention,
+                   unet_label_emb=unet_config.get("addition_embed_type") == "text_time",
                    vae_levels=len(vae_config["block_out_channels"]),
                    vae_layers_per_block=int(vae_config.get("layers_per_block", 2)))
 
@@ -86,6 +88,8 @@ def key_map(config: KeyMapConfig = KeyMapConfig()) -> dict[str, list[tuple[str, 
     c = config
     unet = [("conv_in", "input_blocks.0.0", ""),
             ("time_embedding.linear_1", "time_embed.0", ""), ("time_embedding.linear_2", "time_embed.2", "")]
+    if c.unet_label_emb:                            # SDXL's y MLP: sgm's label_emb.0, diffusers' add_embedding
+        unet += [("add_embedding.linear_1", "label_emb.0.0", ""), ("add_embedding.linear_2", "label_emb.0.2", "")]
     k = 1                                           # input_blocks.0 is conv_in
     for level in range(c.unet_levels):
         for j in range(c.unet_layers_per_block):

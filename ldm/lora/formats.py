@@ -2,7 +2,8 @@
 
 Keys are split into (stage, module name as the file spells it) -> down / up / alpha, every matrix is
 checked (floating-point, finite, shapes that agree), and alpha comes from kohya's .alpha tensors or
-from peft's adapter metadata (lora_alpha, alpha_pattern, use_rslora).
+from peft's adapter metadata (lora_alpha, alpha_pattern, use_rslora; per stage). Keys that name SDXL's
+towers (lora_te1_ / lora_te2_, text_encoder_2.) mark the LoRA as made for SDXL (LoRA.made_for).
 """
 from __future__ import annotations
 
@@ -10,20 +11,22 @@ import json
 import math
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ldm import checkpoint
-from ldm.lora.layers import STAGES, LoRA, LoRAError, LoRALayer, _layer, _listed, _quote
+from ldm.lora.layers import LoRA, LoRAError, LoRALayer, _layer, _listed, _quote, all_finite
 
-__all__ = ["FORMATS", "KOHYA_PREFIXES", "read", "from_state_dict"]
+__all__ = ["FORMATS", "KOHYA_PREFIXES", "KOHYA_SDXL_PREFIXES", "DOTTED_PREFIXES", "read", "from_state_dict"]
 
 FORMATS = ("kohya", "peft", "legacy")
 
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-SDXL_PREFIXES = ("lora_te1_", "lora_te2_")  # SDXL's two text encoders
+# kohya's key prefix -> the stage it adapts (the pipeline's stage names, which are diffusers' components)
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}              # SD 1.x / 2.x (and SDXL's unet)
+KOHYA_SDXL_PREFIXES = {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}  # SDXL's two text towers
 # dotted formats: the file's component prefix -> our stage (no prefix: the UNet, as diffusers assumes)
-DOTTED_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "base_model.model.": "unet"}
+DOTTED_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
+                   "base_model.model.": "unet"}
+SDXL_ONLY_STAGES = ("text_encoder_2",)  # a file that adapts it was made for SDXL
 # the end of a dotted key -> (module suffix to append, which matrix); the module path is what precedes it
 DOTTED_SUFFIXES = [
     (".lora_A.weight", "", "down"), (".lora_B.weight", "", "up"),                          # peft
@@ -43,17 +46,19 @@ def _split_kohya(path, sd: dict[str, Tensor]) -> dict[tuple[str, str], dict[str,
     """kohya keys -> {(stage, underscored module name): {"down", "up", "alpha"}}."""
     parts, unknown = {}, []
     ends = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+    prefixes = {**KOHYA_PREFIXES, **KOHYA_SDXL_PREFIXES}
     for key, t in sd.items():
-        prefix = next((p for p in KOHYA_PREFIXES if key.startswith(p)), None)
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
         end = next((e for e in ends if key.endswith(e)), None)
         if prefix is None or end is None:
             unknown.append(key)
             continue
         name = key[len(prefix):-len(end)]
-        parts.setdefault((KOHYA_PREFIXES[prefix], name), {})[ends[end]] = t
+        parts.setdefault((prefixes[prefix], name), {})[ends[end]] = t
     if unknown:
-        raise LoRAError(f"{path}: {len(unknown)} keys are not kohya LoRA keys (lora_unet_/lora_te_ + .lora_down.weight, "
-                        f".lora_up.weight, .alpha), e.g. {_listed(unknown)}; LoHa, LoKr and DoRA are not supported")
+        raise LoRAError(f"{path}: {len(unknown)} keys are not kohya LoRA keys (lora_unet_/lora_te_/lora_te1_/"
+                        f"lora_te2_ + .lora_down.weight, .lora_up.weight, .alpha), e.g. {_listed(unknown)}; LoHa, LoKr "
+                        "and DoRA are not supported")
     return parts
 
 
@@ -90,7 +95,7 @@ def _checked_matrix(path, name: str, what: str, t: Tensor) -> Tensor:
         except (NotImplementedError, RuntimeError):  # float4_e2m1fn_x2: torch cannot convert it either
             raise LoRAError(f"{path}: {_layer(name)}.{what} has dtype {t.dtype}, which torch cannot convert; "
                             "expected float32, float16, bfloat16 or a float8 type") from None
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         raise LoRAError(f"{path}: {_layer(name)}.{what} holds NaN or infinite values")
     return t
 
@@ -156,9 +161,10 @@ def _alpha_pattern(where: str, stage: str, pattern: dict) -> dict[str, tuple[int
     return index
 
 
-def _peft_alphas(path, metadata: dict[str, str]) -> dict[str, dict]:
-    """{stage: {"lora_alpha", "alpha_pattern", "use_rslora"}} from diffusers' "lora_adapter_metadata";
-    alpha_pattern as {module name: (its position, alpha)} (see _alpha_pattern)."""
+def _peft_alphas(path, metadata: dict[str, str], stages) -> dict[str, dict]:
+    """{stage: {"lora_alpha", "alpha_pattern", "use_rslora"}} for each of `stages` (the file's) from diffusers'
+    "lora_adapter_metadata" (keys "unet.r", "text_encoder_2.lora_alpha", ...); alpha_pattern as
+    {module name: (its position, alpha)} (see _alpha_pattern)."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
@@ -171,7 +177,7 @@ def _peft_alphas(path, metadata: dict[str, str]) -> dict[str, dict]:
         raise LoRAError(f"{where} is a JSON {JSON_TYPES.get(type(meta), type(meta).__name__)}; expected an object "
                         '({"unet.r": 4, "unet.lora_alpha": 4, ...})')
     out = {}
-    for stage in STAGES:
+    for stage in sorted(stages):
         cfg = {k[len(stage) + 1:]: v for k, v in meta.items() if k.startswith(stage + ".")}
         if not cfg:
             continue
@@ -212,6 +218,14 @@ def _peft_alpha_for(cfg: dict | None, name: str, rank: int) -> float:
 
 
 # 4. Reading ---------------------------------------------------------------------------------------
+def _made_for(keys: list[str], stages: set[str]) -> tuple[str, str] | None:
+    """("SDXL", the keys that say so) for a file whose keys name SDXL's towers, else None (SD 1.x/2.x and
+    SDXL files share lora_unet_ / unet. keys: their shapes tell them apart, LoRA.mismatch)."""
+    found = [p for p in KOHYA_SDXL_PREFIXES if any(k.startswith(p) for k in keys)] or \
+        [f"{s}." for s in SDXL_ONLY_STAGES if s in stages]
+    return ("SDXL", f"{' and '.join(found)} keys") if found else None
+
+
 def from_state_dict(state_dict: dict, metadata: dict[str, str] | None = None, *, path: str = "<state_dict>") -> LoRA:
     """Normalise a LoRA state dict (see the formats in ldm.lora's docstring); raises LoRAError on anything odd."""
     if not isinstance(state_dict, dict):
@@ -225,20 +239,19 @@ def from_state_dict(state_dict: dict, metadata: dict[str, str] | None = None, *,
     if not state_dict:
         raise LoRAError(f"{path}: the file holds no tensors")
     keys = list(state_dict)
-    if any(k.startswith(SDXL_PREFIXES) for k in keys):
-        raise LoRAError(f"{path}: an SDXL LoRA (lora_te1_/lora_te2_ keys, two text encoders); "
-                        "ldm applies SD 1.x LoRAs (lora_unet_, lora_te_)")
-    if any(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys):
+    if any(k.startswith((*KOHYA_PREFIXES, *KOHYA_SDXL_PREFIXES)) for k in keys):
         parts, fmt = _split_kohya(path, state_dict), "kohya"
     else:
         parts = _split_dotted(path, state_dict)
         fmt = "peft" if any(".lora_A." in k or ".lora_B." in k for k in keys) else "legacy"
-    alphas = _peft_alphas(path, metadata or {}) if fmt == "peft" else {}
-    lo = LoRA(path, fmt)
+    stages = {stage for stage, _ in parts}
+    alphas = _peft_alphas(path, metadata or {}, stages) if fmt == "peft" else {}
+    lo = LoRA(path, fmt, made_for=_made_for(keys, stages))
     for (stage, name), p in parts.items():
         if "down" not in p or "up" not in p:
             missing = "up" if "down" in p else "down"
-            raise LoRAError(f"{path}: {_layer(name)} ({stage}) has no {missing} matrix")
+            of = f"{stage} of an {lo.made_for[0]} LoRA" if lo.made_for else stage
+            raise LoRAError(f"{path}: {_layer(name)} ({of}) has no {missing} matrix")
         down, up = (_checked_matrix(path, name, what, p[what]) for what in ("down", "up"))
         if down.ndim not in (2, 4) or up.ndim != down.ndim or (up.ndim == 4 and up.shape[2:] != (1, 1)):
             raise LoRAError(f"{path}: {_layer(name)}: down {tuple(down.shape)} / up {tuple(up.shape)}; expected "
