@@ -5,8 +5,14 @@ every notebooks/NN_*.ipynb once and writes the executed copies to a folder named
 LDM_DOCS_NOTEBOOKS_OUT, so this file is also the test that every notebook runs top to bottom.
 Then the built site is served on 127.0.0.1 and loaded in headless Chromium with every other host
 unresolvable: the math must be typeset by the MathJax copy in the site, the notebook pages must show
-their pictures. The browser tests skip when no Chromium is installed (`.ci/run` installs it).
+their pictures, and every chapter its figures, with alt text that says what they show. The browser
+tests skip when no Chromium is installed (`.ci/run` installs it).
+
+Without the build: each chapter's code blocks run as shown (or say what they need), chapters and
+notebooks share their numbers and titles, and the figures the chapters show are drawn large enough
+to read at the page's width.
 """
+import json
 import os
 import re
 import shutil
@@ -113,6 +119,14 @@ class _Loads(HTMLParser):
             self.urls.append(a["src"])
         if tag == "link" and a.get("href") and a.get("rel") not in ("canonical", "prev", "next"):
             self.urls.append(a["href"])
+
+
+def test_no_math_is_left_half_parsed(site):
+    """`$$...$$` inside a paragraph is read as $ + inline math + $: a stray dollar beside the math."""
+    for page in site.rglob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        stray = re.findall(r".{0,40}(?:\$<span class=\"arithmatex\">|</span>\$).{0,40}", html)
+        assert not stray, f"{page.relative_to(site)}: a dollar sign beside typeset math: {stray[:2]}"
 
 
 def test_site_loads_nothing_from_the_network(site):
@@ -243,3 +257,224 @@ def test_screenshot_of_a_chapter_is_a_page_of_text_and_math(server, tmp_path):
     inked = sum(image.histogram()[:128]) / (image.size[0] * image.size[1])   # dark pixels: text, math, header
     assert 0.02 < inked < 0.5, f"the screenshot is {inked:.1%} dark: blank or unstyled"
     assert ImageStat.Stat(image).stddev[0] > 20
+
+
+# ---------------------------------------------------------------------------------------------
+# The chapters: figures, titles, code
+# ---------------------------------------------------------------------------------------------
+
+# What each page must show: the file names of its figures (exported from the notebooks into figures/,
+# or drawn for the docs in images/). The issue behind them: every chapter shows what it teaches.
+PAGE_FIGURES = {
+    "": ["pipeline.svg"],
+    "01-text": ["tokens.svg", "01-rows.png", "01-similarity.png"],
+    "02-noise-and-samplers": ["02-forward.png", "02-forward-latent.png", "02-trajectory.png", "02-samplers.png"],
+    "03-unet": ["unet.svg", "03-cross-attention.png", "03-cross-attention-two.png"],
+    "04-vae": ["04-round-trip.png"],
+    "05-pipeline": ["05-previews.png", "05-guidance.png", "05-negative.png"],
+    "06-flash-attention": ["06-tiles.png", "06-online-softmax.png"],
+    "07-training": ["loss-curves.png", "vae-002800.png", "unet-004400.png"],
+    "08-adapting": ["08-lora.png"],
+    "09-families": ["09-heads.png", "09-prediction.png"],
+}
+GENERIC_ALT = {"", "png", "image", "figure", "picture", "plot", "output", "notebook output"}
+COLUMN_PX = 680          # the article's width at a 1280-px window (Material, both sidebars shown), measured
+MIN_LABEL_PX = 10
+FIGURE_DPI = 100         # matplotlib's default, which the notebooks keep: a point is 100/72 pixels
+
+
+def _title(text: str) -> str:
+    return next(line[2:].strip() for line in text.splitlines() if line.startswith("# "))
+
+
+def test_chapters_and_notebooks_share_numbers_and_titles():
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    for chapter in CHAPTERS:
+        title = _title(chapter.read_text(encoding="utf-8"))
+        assert re.match(rf"^{int(chapter.name[:2])}\. \S", title), f"{chapter.name}: title {title!r} is not 'N. Title'"
+        nb = next(p for p in NOTEBOOKS if p.name[:2] == chapter.name[:2])
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        nb_title = _title("".join(cells[0]["source"]))
+        assert nb_title == title, f"{nb.name} is titled {nb_title!r}, its chapter {title!r}"
+        assert f"- {chapter.name}\n" in nav, f"mkdocs.yml should list {chapter.name} untitled (its title is its heading)"
+
+
+def _fences(path: Path):
+    """(language, code) of every fenced block of a markdown file."""
+    return re.findall(r"^```(\w*)\n(.*?)^```$", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+
+
+CODE_PAGES = CHAPTERS + [ROOT / "docs" / "checkpoints.md", ROOT / "docs" / "index.md"]
+
+# Runs in one fresh interpreter: each page's python blocks in order, in a namespace of its own, from the
+# repository root; writes {page: traceback or ""} as JSON to the path in argv[1].
+_RUN_PAGES = r"""
+import json, sys, traceback
+import torch
+torch.set_num_threads(1)
+results = {}
+for name, code in json.loads(open(sys.argv[2], encoding="utf-8").read()).items():
+    try:
+        exec(compile(code, name, "exec"), {"__name__": "__main__"})
+        results[name] = ""
+    except BaseException:
+        results[name] = traceback.format_exc()
+open(sys.argv[1], "w", encoding="utf-8").write(json.dumps(results))
+"""
+
+
+def _runnable_blocks(path: Path) -> list[str]:
+    """The page's python blocks that claim to run as shown (not starting with `# needs:`), checking that
+    every block is python, bash or text and that every shell block starts with `# needs:`."""
+    runnable = []
+    for lang, code in _fences(path):
+        assert lang in ("python", "bash", "text"), f"{path.name}: a ```{lang} block; say python, bash or text"
+        if lang == "bash":
+            assert code.startswith("# needs:"), f"{path.name}: a shell block must say what it needs:\n{code[:200]}"
+        elif lang == "python" and not code.startswith("# needs:"):
+            runnable.append(code)
+    return runnable
+
+
+@pytest.fixture(scope="module")
+def page_code_runs(tmp_path_factory):
+    """Every page's runnable blocks, run in one interpreter (one import of torch and ldm for all), except
+    a page that switches Triton's interpreter on, which needs an interpreter of its own."""
+    tmp = tmp_path_factory.mktemp("page-code")
+    pages = {p.name: "\n".join(_runnable_blocks(p)) for p in CODE_PAGES}
+    pages = {name: code for name, code in pages.items() if code}
+    groups = [{k: v for k, v in pages.items() if "TRITON_INTERPRET" not in v}]
+    groups += [{k: v} for k, v in pages.items() if "TRITON_INTERPRET" in v]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    results = {}
+    for n, group in enumerate(groups):
+        (tmp / f"pages-{n}.json").write_text(json.dumps(group), encoding="utf-8")
+        run = subprocess.run([sys.executable, "-c", _RUN_PAGES, str(tmp / f"results-{n}.json"), str(tmp / f"pages-{n}.json")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+        assert run.returncode == 0, f"the page runner failed:\n{run.stderr[-3000:]}"
+        results.update(json.loads((tmp / f"results-{n}.json").read_text(encoding="utf-8")))
+    return results
+
+
+@pytest.mark.parametrize("path", CODE_PAGES, ids=[p.stem for p in CODE_PAGES])
+def test_chapter_code_runs_as_shown_or_says_what_it_needs(path, page_code_runs):
+    """Python blocks run, in order, in a fresh namespace per page (from the repository root, on whatever
+    model ldm.load() finds); a block that cannot, and every shell block, starts with `# needs: ...`.
+    Text blocks (data flows, printed output) are neither."""
+    if not _runnable_blocks(path):
+        pytest.skip(f"{path.name} has no block that runs as shown")
+    failure = page_code_runs[path.name]
+    assert not failure, f"{path.name}'s code blocks do not run as shown:\n{failure[-3000:]}"
+
+
+def _figure_cells():
+    """(notebook, cell source, [figure entries]) of every code cell that exports figures."""
+    for nb in NOTEBOOKS:
+        for cell in json.loads(nb.read_text(encoding="utf-8"))["cells"]:
+            entries = cell.get("metadata", {}).get("ldm", {}).get("figures")
+            if entries:
+                yield nb, "".join(cell["source"]), entries
+
+
+def test_figure_labels_are_readable_at_the_page_width(site):
+    """A chapter figure's smallest font, at the size the page shows the picture, is at least 10 px:
+    the PNG is scaled to the article's width when wider, and its labels with it."""
+    from PIL import Image
+
+    checked = 0
+    for nb, source, entries in _figure_cells():
+        sizes = [float(v) for v in re.findall(r"fontsize=(\d+(?:\.\d+)?)", source)]
+        smallest_pt = min([10.0] + sizes)   # matplotlib's default size is 10 pt
+        for entry in filter(None, entries):
+            png = site / "figures" / f"{nb.name[:2]}-{entry['name']}.png"
+            assert png.is_file(), f"{nb.name}: figure {entry['name']} was not exported"
+            width = Image.open(png).size[0]
+            px = smallest_pt * FIGURE_DPI / 72 * min(1.0, COLUMN_PX / width)
+            assert px >= MIN_LABEL_PX, (f"{png.name}: {width} px wide, smallest label {smallest_pt:g} pt -> "
+                                        f"{px:.1f} px at the page's width (goal {MIN_LABEL_PX})")
+            checked += 1
+    assert checked >= sum(1 for names in PAGE_FIGURES.values() for n in names if re.match(r"\d\d-", n))
+
+
+def test_every_exported_figure_is_shown_and_every_shown_figure_exists(site):
+    exported = {p.name for p in (site / "figures").glob("*.png")}
+    shown = set()
+    for page in site.rglob("*.html"):
+        shown |= set(re.findall(r'src="[^"]*figures/([^"/]+\.png)"', page.read_text(encoding="utf-8")))
+    assert shown <= exported, f"shown but not exported: {sorted(shown - exported)}"
+    assert exported <= shown, f"exported but no page shows them: {sorted(exported - shown)}"
+
+
+def test_published_notebooks_hold_no_warnings_or_progress_bars(built):
+    nbformat = pytest.importorskip("nbformat")
+    for path in NOTEBOOKS:
+        executed = built.executed / path.name
+        if not executed.is_file():
+            pytest.fail(f"{path.name} was not executed:\n{built.log}")
+        for i, cell in enumerate(nbformat.read(executed, as_version=4).cells):
+            for out in cell.get("outputs", []):
+                text = out.get("text", "") if out.get("output_type") == "stream" else ""
+                assert out.get("name") != "stderr", f"{path.name} cell {i} wrote to stderr: {text[:300]!r}"
+                assert "Warning" not in text and "%|" not in text, f"{path.name} cell {i}: {text[:300]!r}"
+
+
+def test_exercise_cells_ran_their_graders(built):
+    """Each exercise cell shows its grader's verdict on the first attempt, which is not yet right."""
+    nbformat = pytest.importorskip("nbformat")
+    found = 0
+    for path in NOTEBOOKS:
+        executed = built.executed / path.name
+        for cell in nbformat.read(executed, as_version=4).cells:
+            number = cell.get("metadata", {}).get("ldm", {}).get("exercise")
+            if not number:
+                continue
+            found += 1
+            shown = "".join(o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+            assert shown.startswith(f"Exercise {number}: not yet."), f"{path.name}, exercise {number}: {shown[:300]!r}"
+    assert found >= 2 * len(NOTEBOOKS)
+
+
+class _Figures(HTMLParser):
+    """The article's pictures: (src, alt, inside a <figure> with a <figcaption>)."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self._article, self._figure = [], 0, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self._article += tag == "article"
+        if tag == "figure" and self._article:
+            self._figure = []
+        if tag == "img" and self._article:
+            self.images.append([a.get("src", ""), a.get("alt", ""), False])
+            if self._figure is not None:
+                self._figure.append(self.images[-1])
+        if tag == "figcaption" and self._figure is not None:
+            for image in self._figure:
+                image[2] = True
+
+    def handle_endtag(self, tag):
+        self._article -= tag == "article" and self._article > 0
+        if tag == "figure":
+            self._figure = None
+
+
+@needs_browser
+@pytest.mark.parametrize("page", sorted(PAGE_FIGURES), ids=[p or "index" for p in sorted(PAGE_FIGURES)])
+def test_chapter_shows_its_figures_with_real_alt_text(page, server, tmp_path):
+    path = f"{page}/" if page else ""
+    parser = _Figures()
+    parser.feed(chromium(server.url + path, tmp_path, "--dump-dom"))
+    by_name = {unquote(urlparse(src).path).rsplit("/", 1)[-1]: (src, alt, captioned)
+               for src, alt, captioned in parser.images}
+    for name in PAGE_FIGURES[page]:
+        assert name in by_name, f"{page or 'index'} does not show {name}; it shows {sorted(by_name)}"
+        src, alt, captioned = by_name[name]
+        assert alt.strip().lower() not in GENERIC_ALT and len(alt) >= 40, f"{name}: alt text {alt!r} says too little"
+        url = urlparse(urljoin(server.url + path, src))
+        assert (unquote(url.path), 200) in server.served, f"{name} was not served"
+        if name.endswith(".svg") or re.match(r"\d\d-", name):
+            assert captioned, f"{name} on {page or 'index'} has no <figcaption>"
+    alts = [alt for _, alt, _ in parser.images]
+    assert len(alts) == len(set(alts)), f"{page or 'index'}: two pictures share an alt text"
