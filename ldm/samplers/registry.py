@@ -33,7 +33,7 @@ REGISTRY: dict[str, Sampler] = {s.name: s for s in (
     Sampler("euler_a", "sigma", "linspace", True, sigma_space.euler_ancestral, sigma_space.sigma_grid,
             "Euler ancestral (k-diffusion)", prediction_types=("epsilon", "v_prediction")),
     Sampler("heun", "sigma", "linspace", True, sigma_space.heun, sigma_space.sigma_grid,
-            "Heun, 2nd order, 2 calls per step (Karras et al. 2022, Alg. 2)"),
+            "Heun, 2nd order, 2 calls per step (Karras et al. 2022, Alg. 1: the deterministic sampler)"),
     Sampler("lms", "sigma", "linspace", True, sigma_space.lms, sigma_space.sigma_grid,
             "linear multistep (k-diffusion)"),
     Sampler("dpmpp_2m", "ddpm", "linspace", True, dpmpp_2m, dpm_grid, "DPM-Solver++(2M) (Lu et al. 2022, Alg. 2)"),

@@ -95,7 +95,7 @@ def euler_ancestral(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: tor
 def heun(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, sigmas: torch.Tensor, *, start: int = 0,
          prediction_type: str = "epsilon", callback: Callback = None, step_hook: StepHook = None,
          **_) -> torch.Tensor:
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 2, S_churn = 0): 2 network calls per step.
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1, the deterministic sampler): 2 network calls per step.
 
     The last step (to sigma = 0) is a plain Euler step, as in the paper.
     """
