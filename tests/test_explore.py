@@ -316,8 +316,11 @@ def test_cli_failures_are_one_line(tmp_path, monkeypatch, capsys):
 
 def test_cli_serves_prints_the_url_and_stops_on_ctrl_c(tmp_path):
     env = {**os.environ, "LDM_CHECKPOINT": ""}
+    # SIGINT at its default in the child: a shell without job control starts background jobs (a CI runner's
+    # `.ci/run &`) with SIGINT ignored, and Python then never raises KeyboardInterrupt
     p = subprocess.Popen([sys.executable, "-m", "ldm.cli", "explore", "--port", "0"], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url = None
         for line in p.stdout:

@@ -32,9 +32,11 @@ TOLERANCE = {
 # The stored trajectories were written on another machine. The same fp32 computation differs by a
 # few ulps between CPUs (AVX2 vs AVX-512 kernels for tanh/sin/cos, thread counts): 3.8e-6 on an
 # AVX-512 Xeon, 4.8e-6 here under ATEN_CPU_CAPABILITY=default. So they are compared at the fp32
-# noise floor, never bit-exactly; the timesteps (fp64 arithmetic) at fp64's.
+# noise floor, never bit-exactly. The timesteps too: most grids are fp64 arithmetic, but the Karras
+# grid maps sigmas back to t through the schedule's fp32 log-sigmas, and on 2026-12-06 a fresh machine
+# gave t 1.5e-5 (1.1e-7 relative, one fp32 ulp) from the stored value for euler/lms with karras=True.
 STORED_TOL = dict(rtol=1e-5, atol=2e-5)
-STORED_T_TOL = dict(rtol=1e-12, atol=1e-9)
+STORED_T_TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 def recording(fn, calls):
