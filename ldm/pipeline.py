@@ -55,7 +55,7 @@ from ldm import checkpoint, families, images as imgs, lora as lora_files, option
 from ldm import prompt as prompt_syntaxes, samplers, weights
 from ldm.conditioning import Conditioning
 from ldm.families import Family
-from ldm.memory import AUTO_TILE_LATENT, cpu_has_native_bf16, default_device_dtype  # noqa: F401 (re-exported)
+from ldm.memory import AUTO_TILE_LATENT, cpu_has_native_bf16, default_device_dtype, tune_allocator  # noqa: F401
 from ldm.options import PROMPT_SYNTAXES, Options
 from ldm.samplers.common import check_prediction_type, randn
 from ldm.schedule import Schedule
@@ -495,4 +495,5 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
                     spacing=ck.scheduler.get("timestep_spacing"))
     log.info("loaded %s (%s, predicts %s) on %s: unet %s, vae %s", path, ck.family, pipe.prediction_type, device,
              dtype, vae_dtype)
+    tune_allocator()  # from here on freed activations stay in malloc's heap for the next step (ldm.memory)
     return pipe
