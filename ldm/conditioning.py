@@ -111,12 +111,17 @@ class TwoTowersAndSizes:
             raise ValueError(f"prompt_syntax={opts.prompt_syntax!r}: ldm reads SDXL prompts as plain text only "
                              f"(the A1111 syntax is written for one text tower); use prompt_syntax='plain'")
         tower_1, tower_2 = pipe.text_encoder, pipe.text_encoder_2
+        adm, pooled_width = pipe.unet.cfg.adm_in_channels, tower_2.config.embed_dim
+        per_number, rest = divmod((adm or 0) - pooled_width, 6)  # checked before the towers run
+        if adm is None or per_number < 2 or per_number % 2 or rest:
+            raise ValueError(f"the UNet's adm_in_channels={adm} does not hold the pooled vector "
+                             f"({pooled_width}) and six even-width size embeddings")
         rows = [i for i, p in enumerate(prompts) if p is not None]   # the rows that have text
         texts = [prompts[i] for i in rows]
         B, device = len(prompts), pipe.device
         width_1, width_2 = tower_1.config.hidden_size, tower_2.config.width
         context = torch.zeros(B, pipe.tokenizers["text_encoder"].max_length, width_1 + width_2, device=device)
-        pooled = torch.zeros(B, tower_2.config.embed_dim, device=device)
+        pooled = torch.zeros(B, pooled_width, device=device)
         if texts:
             ids_1 = pipe.tokenizers["text_encoder"](texts).to(device)           # (n, 77), padded with EOS
             ids_2 = pipe.tokenizers["text_encoder_2"](texts).to(device)         # (n, 77), padded with 0
@@ -125,11 +130,6 @@ class TwoTowersAndSizes:
             context_2, pooled_2 = tower_2.encode(ids_2, clip_skip=opts.clip_skip - 1)  # (n, 77, 1280), (n, 1280)
             context[rows] = torch.cat([context_1.float(), context_2.float()], dim=-1)  # (n, 77, 2048)
             pooled[rows] = pooled_2.float()
-        adm = pipe.unet.cfg.adm_in_channels
-        per_number, rest = divmod((adm or 0) - pooled.shape[1], 6)
-        if adm is None or per_number < 2 or per_number % 2 or rest:
-            raise ValueError(f"the UNet's adm_in_channels={adm} does not hold the pooled vector "
-                             f"({pooled.shape[1]}) and six even-width size embeddings")
         numbers = torch.tensor(size_numbers(opts), dtype=torch.float32, device=device)  # (6,)
         sizes = timestep_embedding(numbers, per_number).reshape(1, 6 * per_number)     # (1, 1536): 6 x 256
         y = torch.cat([pooled, sizes.expand(B, -1)], dim=-1)                             # (B, 2816)

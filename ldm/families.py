@@ -36,6 +36,10 @@ What changes between the families (SD 2.x: Stability's v2-inference(-v).yaml; DE
     default size            512                             512-base: 512; 768-v: 768
     VAE, schedule           the same in both
 
+SDXL (record "sdxl", above its entry in FAMILIES) adds a second text tower, a vector y of pooled text
+and image sizes (ldm.conditioning.TwoTowersAndSizes), a three-level UNet and a VAE scaled by 0.13025;
+docs/09-families.md has the three-way table. The SDXL refiner ("sdxl-refiner") is a slot.
+
 A family is data: its stages (name, single-file key prefix, config, model class, tokenizer), in the
 order they are built, and its conditioner (ldm.conditioning: how prompts become what its UNet takes,
 a context and for some families a vector). Reading, detection, building, writing, random files, LoRAs
