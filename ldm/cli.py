@@ -2,7 +2,7 @@
 
     ldm generate "a red circle above a blue square"   text to image, PNGs in --out (default outputs/)
            [--checkpoint PATH] [--steps 25] [--scheduler euler] [--seed N] [--guidance 7.5]
-           [--negative TEXT] [--size WxH] [--num-images 1] [--out DIR] [--device D] [--dtype T]
+           [--negative TEXT] [--size WxH] [--num-images 1] [--out DIR] [--device D] [--dtype T] [--compile]
            [--lora PATH[:WEIGHT] ...] [--embedding PATH ...] [--clip-skip N] [--prompt-syntax a1111]
            [--prediction-type epsilon|v_prediction|sample]   (default: the checkpoint's)
            (no --checkpoint: $LDM_CHECKPOINT, else a real one in weights/, else the shapes model
@@ -228,7 +228,7 @@ def cmd_generate(args) -> None:
         for file in files:
             if not Path(file).is_file():
                 raise CLIError(f"{flag} {file}: no such file")
-    pipe = ldm.load(path, device=device, dtype=dtype, prediction_type=args.prediction_type)
+    pipe = ldm.load(path, device=device, dtype=dtype, prediction_type=args.prediction_type, compile=args.compile)
     for file, weight in loras:
         pipe.load_lora(file, weight)
     for file in args.embedding:
@@ -343,7 +343,11 @@ def _add_generation_options(s, size_default: str):
     s.add_argument("--device", type=_device, default=None,
                    help="cpu, cuda, cuda:1 ..., mps (default: cuda if present)")
     s.add_argument("--dtype", choices=(*DTYPES, "auto"), default=None,
-                   help="default: fp16 on CUDA, fp32 on CPU; auto: also bf16 on a CPU with native bf16 (VAE fp32)")
+                   help="default: fp16 on CUDA, fp32 on CPU; auto: fp16 on CUDA (VAE fp32), bf16 on a CPU with "
+                        "native bf16, else fp32")
+    s.add_argument("--compile", action="store_true",
+                   help="run the UNet through torch.compile: faster steps after a first one that compiles for "
+                        "minutes (pays off for many images at one size; needs a C++ compiler on the CPU)")
     s.add_argument("--tile", choices=("auto", "on", "off"), default="auto",
                    help="tiled VAE decode (auto: above 512x512)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -51,7 +51,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ldm import checkpoint, families, images as imgs, lora as lora_files, options as opts_mod
+from ldm import checkpoint, compiled, families, images as imgs, lora as lora_files, options as opts_mod
 from ldm import prompt as prompt_syntaxes, samplers, weights
 from ldm.conditioning import Conditioning
 from ldm.families import Family
@@ -456,30 +456,28 @@ class Pipeline:
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None, vae_dtype: torch.dtype | None = None,
-         attention_backend: str = "auto", prediction_type: str | None = None) -> Pipeline:
+         attention_backend: str = "auto", prediction_type: str | None = None, compile: bool = False) -> Pipeline:
     """A Pipeline from a single file (.safetensors / .ckpt) or a diffusers folder of a supported family.
 
     path: default ldm.weights.default_checkpoint(): a real checkpoint ($LDM_CHECKPOINT, weights/)
     if there is one, else the small shapes model ldm ships (the log says which, in one line).
 
-    device: default CUDA if available, else CPU. dtype: default fp16 on CUDA, fp32 on the CPU;
-    "auto" also takes bf16 for the UNet and text encoder on a CPU with native bf16 (AVX512-BF16, AMX).
-    vae_dtype: default float32 when dtype is fp16 or "auto" (the SD VAE overflows fp16), else dtype.
-    attention_backend: the UNet's ("auto", "math", "sdpa", "triton"; see ldm.attention).
+    device: default CUDA if available, else CPU. dtype: default fp16 on CUDA, fp32 on the CPU; "auto":
+    fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16, AMX), else fp32 (ldm.memory).
+    vae_dtype: default float32 when dtype is fp16 (the SD VAE overflows fp16), else dtype.
+    attention_backend: the UNet's ("auto", "math", "sdpa", "triton"; see ldm.attention). compile: run the
+    UNet through torch.compile (ldm.compiled: faster steps after a first call that compiles for minutes).
     prediction_type: what the UNet predicts, default the file's (a diffusers folder's scheduler config)
     or its family's (ldm.families); an override must be one the family allows.
 
-    The family record also gives the tokenizer and the schedule; a diffusers folder's scheduler config
-    sets the schedule's steps_offset and the default timestep spacing (each generation's spacing=
-    overrides it; pipe.schedule is a plain attribute).
+    The family record also gives the tokenizer and the schedule; a diffusers folder's scheduler config sets
+    the schedule's steps_offset and the default timestep spacing (generate's spacing= overrides it).
     """
     if path is None:
         path, why = weights.default_checkpoint()
         log.warning("ldm.load: no checkpoint given; using %s", why)
-    auto = isinstance(dtype, str) and dtype == "auto"
     device, dtype = default_device_dtype(device, dtype)
-    if vae_dtype is None:
-        vae_dtype = torch.float32 if dtype == torch.float16 or auto else dtype
+    vae_dtype = vae_dtype if vae_dtype is not None else torch.float32 if dtype == torch.float16 else dtype
     # the caller's prediction_type is step 1 of the rule (ldm/checkpoint/prediction.py): read() checks it
     # against the family before any building, and never runs the UNet to guess what it was told
     ck = checkpoint.read(path, prediction_type=prediction_type)
@@ -496,4 +494,6 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     log.info("loaded %s (%s, predicts %s) on %s: unet %s, vae %s", path, ck.family, pipe.prediction_type, device,
              dtype, vae_dtype)
     tune_allocator()  # from here on freed activations stay in malloc's heap for the next step (ldm.memory)
+    if compile:
+        compiled.compile_unet(pipe.unet)
     return pipe

@@ -312,14 +312,16 @@ def test_any_multiple_of_8_pixels_works(tiny):
 
 
 def test_dtype_auto_takes_bf16_only_where_the_cpu_has_it(monkeypatch):
-    """dtype="auto": bf16 UNet and text encoder on a CPU with native bf16, the VAE in fp32; fp32 on
-    a CPU without (emulated bf16 is slower than fp32); fp16 on CUDA."""
+    """dtype="auto": bf16 networks (the VAE too: bf16 has fp32's range) on a CPU with native bf16; fp32
+    on a CPU without (emulated bf16 is slower than fp32); fp16 on CUDA, where the VAE stays fp32."""
     from ldm import memory, pipeline, weights
     monkeypatch.setattr(memory, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     assert pipeline.default_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.bfloat16)
     assert pipeline.default_device_dtype("cuda", "auto")[1] == torch.float16
     fast = pipeline.load(weights.SHIPPED, device="cpu", dtype="auto")
-    assert (fast.dtype, fast.vae_dtype) == (torch.bfloat16, torch.float32)
+    assert (fast.dtype, fast.vae_dtype) == (torch.bfloat16, torch.bfloat16)
+    half = pipeline.load(weights.SHIPPED, device="cpu", dtype=torch.float16)
+    assert (half.dtype, half.vae_dtype) == (torch.float16, torch.float32)  # SD's VAE decoder overflows fp16
     ref = pipeline.load(weights.SHIPPED, device="cpu", dtype=torch.float32)
     a = np.asarray(fast("a red circle", steps=10, seed=0, progress=False)[0], np.float32)
     b = np.asarray(ref("a red circle", steps=10, seed=0, progress=False)[0], np.float32)
