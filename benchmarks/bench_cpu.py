@@ -21,10 +21,13 @@ partner per group:
   diffusers          the reference, glibc malloc's defaults (as its users run it)
   ldm-untuned        ldm with LDM_TUNE_ALLOCATOR=0: no ldm.memory.tune_allocator (the allocator lever)
   ldm channels_last  ldm with the UNet's weights and input in torch.channels_last
-  ldm compile        (--compile) torch.compile(unet) with inductor's freezing; the first call, which
-                     compiles (minutes), is the untimed warm-up
-and "ldm auto", inside the ldm worker for bf16: the VAE in fp32 (from the fp32 weights), what
-ldm.load(dtype="auto") runs. "ldm" is as ldm.load leaves it: allocator tuned, contiguous, eager.
+  ldm compile        (--compile) ldm.load(..., compile=True): the UNet through torch.compile with
+                     inductor's freezing (ldm.compiled); the first call at each shape compiles (minutes)
+                     and is the untimed warm-up, whose seconds the lever table gives ("first call").
+                     Its group also runs diffusers, so the table has compiled ldm / diffusers directly
+and "ldm vae32", inside the ldm worker for bf16: the VAE in fp32 (from the fp32 weights), what
+ldm.load(dtype="auto") ran before the VAE went to bf16 too. "ldm" is as ldm.load leaves it: allocator
+tuned, contiguous, eager.
 
 The ops.
   unet   one UNet forward of classifier-free guidance: batch 2, the latent of a size x size image
@@ -92,7 +95,7 @@ VARIANTS = {  # worker name -> how it is built
     "ldm compile": {"side": "ldm", "compile": True},
 }
 LEVER_TITLES = {"ldm-untuned": "glibc malloc defaults (no tune_allocator)", "ldm channels_last": "channels_last",
-                "ldm compile": "torch.compile, freezing", "ldm auto": 'dtype="auto": VAE in fp32'}
+                "ldm compile": "torch.compile, freezing", "ldm vae32": "VAE in fp32 (vae_dtype=float32)"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,11 +141,12 @@ class Worker:
             import ldm
             from ldm import checkpoint as ck_mod, memory, weights
 
-            self.pipe = ldm.load(checkpoint, device=self.device, dtype=self.dtype, vae_dtype=self.dtype)
+            self.pipe = ldm.load(checkpoint, device=self.device, dtype=self.dtype, vae_dtype=self.dtype,
+                                 compile=bool(spec.get("compile")))  # compile: ldm.compiled, as users get it
             self.tuned = bool(memory.tune_allocator())  # what load did (cached): False with LDM_TUNE_ALLOCATOR=0
             self.vae_low = self.pipe.vae
             if name == "ldm" and self.dtype != torch.float32 and self.device.type == "cpu":
-                # "ldm auto": ldm.load(dtype="auto") keeps the VAE in fp32, from the file's weights (memory-mapped)
+                # "ldm vae32": the VAE in fp32, from the file's weights (memory-mapped)
                 self.vae32 = weights.build_stages(ck_mod.read(checkpoint))["vae"]
         else:
             import ref_sd
@@ -158,11 +162,6 @@ class Worker:
         if self.memory_format is torch.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.forward = self.unet
-        if spec.get("compile"):
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True  # weights become constants: folded into the graph
-            self.forward = torch.compile(self.unet)
         self.grad_mode = torch.no_grad if spec.get("compile") else torch.inference_mode
         self.load_s = time.perf_counter() - t0
 
@@ -316,6 +315,7 @@ class Row:
         self.group, self.op, self.size, self.dtype, self.variants = group, op, size, dtype, variants
         self.runs: dict[str, list[dict]] = {v: [] for v in variants}
         self.errors: dict[str, str] = {}
+        self.first: dict[str, float] = {}  # the untimed warm-up call's seconds (compiling, for "ldm compile")
         self.loads: list[float] = []
 
     @property
@@ -344,9 +344,9 @@ class Row:
 
 
 def command(variant: str, op: str, size: int, steps: int) -> tuple[str, dict]:
-    """(worker name, command) of a variant of a row: "ldm auto" is the ldm worker with its fp32 VAE."""
+    """(worker name, command) of a variant of a row: "ldm vae32" is the ldm worker with its fp32 VAE."""
     cmd = {"op": op, "size": size, "steps": steps}
-    if variant == "ldm auto":
+    if variant == "ldm vae32":
         return "ldm", {**cmd, "auto": True}
     return variant, cmd
 
@@ -366,6 +366,7 @@ def measure(row: Row, procs: dict, repeats: int, steps: int, warmup: bool, outdi
             row.errors[v] = res["error"]
             print(f"  {row.op} {row.size}px {row.dtype} {v:18s} failed: {res['error']}", flush=True)
         elif not timed:
+            row.first[v] = time.perf_counter() - t0
             print(f"  {row.op} {row.size}px {row.dtype} {v:18s} warm-up {time.perf_counter() - t0:7.2f} s "
                   f"(load {load1():.2f})", flush=True)
         else:
@@ -480,8 +481,8 @@ def compare_outputs(outdir: Path, dtypes: list[str], sizes: list[int]) -> list[d
                 rows.append({"size": size, "what": f"ldm {dt} vs ldm fp32",
                              "unet": unet_diff(unet("ldm", size, dt), unet("ldm", size, "fp32")),
                              "image": image_diff(image("ldm", size, dt), image("ldm", size, "fp32"))})
-                rows.append({"size": size, "what": f"ldm auto ({dt}, VAE fp32) vs ldm fp32", "unet": None,
-                             "image": image_diff(image("ldm_auto", size, dt), image("ldm", size, "fp32"))})
+                rows.append({"size": size, "what": f"ldm {dt}, VAE fp32 vs ldm fp32", "unet": None,
+                             "image": image_diff(image("ldm_vae32", size, dt), image("ldm", size, "fp32"))})
     return [r for r in rows if r["unet"] or r["image"]]
 
 
@@ -510,13 +511,15 @@ def tables(info: dict, rows: list[Row], diffs: list[dict], sdcpp: dict, args) ->
     if levers:
         L += ["", "Levers, each against ldm as ldm.load leaves it (allocator tuned, contiguous, eager, networks in "
               "the row's dtype) in the same rounds; faults: minor page faults per call; after: RSS when it returned.",
-              "", "| op | px | dtype | lever | s | ldm s | lever / ldm | (CPU time) | faults, lever / ldm | "
-              "sys s, lever / ldm | peak GiB, lever / ldm | after GiB, lever / ldm | load |",
-              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              " Where diffusers ran in the same rounds (the compile group), lever / diffusers too; first call: the "
+              "untimed warm-up's seconds (compiling).",
+              "", "| op | px | dtype | lever | s | ldm s | lever / ldm | (CPU time) | lever / diffusers | first call s | "
+              "faults, lever / ldm | sys s, lever / ldm | peak GiB, lever / ldm | after GiB, lever / ldm | load |",
+              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r, v in levers:
             if not r.runs.get(v):
                 L.append(f"| {r.title} | {r.size} | {r.dtype} | {LEVER_TITLES[v]} | failed: "
-                         f"{r.errors.get(v, '?')[:100]} | | | | | | | | |")
+                         f"{r.errors.get(v, '?')[:100]} | | | | | | | | | | |")
                 continue
 
             def pair(key, f, r=r, v=v):
@@ -524,7 +527,8 @@ def tables(info: dict, rows: list[Row], diffs: list[dict], sdcpp: dict, args) ->
                 return " / ".join("n/a" if x is None else f(x) for x in vals)
             L.append(f"| {r.title} | {r.size} | {r.dtype} | {LEVER_TITLES[v]} | {fmt_s(r.med(v))} | "
                      f"{fmt_s(r.med('ldm'))} | {fmt_r(r.ratio(v, 'ldm'))} | {fmt_r(r.ratio(v, 'ldm', 'cpu_s'))} | "
-                     f"{pair('minflt', lambda x: f'{x:.0f}')} | {pair('sys_s', lambda x: f'{x:.2f}')} | "
+                     f"{fmt_r(r.ratio(v, 'diffusers')) if 'diffusers' in r.variants else ''} | "
+                     f"{fmt_s(r.first.get(v)) if v == 'ldm compile' else ''} | {pair('minflt', lambda x: f'{x:.0f}')} | {pair('sys_s', lambda x: f'{x:.2f}')} | "
                      f"{pair('peak_mib', gib)} | {pair('after_mib', gib)} | {r.load_range(cores)} |")
     by = {(r.op, r.size, r.dtype): r for r in main}
     speed = [(r, by[(r.op, r.size, "fp32")]) for r in main if r.dtype != "fp32" and (r.op, r.size, "fp32") in by]
@@ -570,7 +574,7 @@ def render(saved: dict) -> str:
     rows = []
     for r in saved["rows"]:
         row = Row(r["group"], r["op"], r["size"], r["dtype"], list(r["runs"]))
-        row.runs, row.errors = r["runs"], r["errors"]
+        row.runs, row.errors, row.first = r["runs"], r["errors"], r.get("first", {})
         row.loads = [x["load"] for runs in r["runs"].values() for x in runs]
         rows.append(row)
     a = saved["args"]
@@ -586,8 +590,8 @@ def make_plan(args, sizes, dtypes, ops, levers) -> list[tuple[str, str, list[tup
         rows = []
         for size in sizes:
             for op in ops:
-                auto = op == "e2e" and dt != "fp32" and "auto" in levers and args.device == "cpu"
-                rows.append((op, size, ["ldm", "diffusers"] + (["ldm auto"] if auto else [])))
+                vae32 = op == "e2e" and dt != "fp32" and "auto" in levers and args.device == "cpu"
+                rows.append((op, size, ["ldm", "diffusers"] + (["ldm vae32"] if vae32 else [])))
         plan.append((dt, "diffusers", rows))
         if "untuned" in levers:
             plan.append((dt, "ldm-untuned", [(op, s, ["ldm", "ldm-untuned"]) for s in sizes for op in ops
@@ -595,8 +599,8 @@ def make_plan(args, sizes, dtypes, ops, levers) -> list[tuple[str, str, list[tup
         if "channels_last" in levers:  # fp32 at the smallest size only (slower there, as measured before)
             cl = sizes if dt != "fp32" else sizes[:1]
             plan.append((dt, "ldm channels_last", [("unet", s, ["ldm", "ldm channels_last"]) for s in cl]))
-        if "compile" in levers:  # compiling costs minutes per shape: the smallest size
-            plan.append((dt, "ldm compile", [("unet", sizes[0], ["ldm", "ldm compile"])]))
+        if "compile" in levers:  # compiling costs minutes per shape: the smallest size, diffusers alongside
+            plan.append((dt, "ldm compile", [(op, sizes[0], ["ldm", "ldm compile", "diffusers"]) for op in ops]))
     return plan
 
 
@@ -623,6 +627,7 @@ def main(argv=None) -> int:
                     help="SD 1.x checkpoint to load; if the file does not exist, a full-size random one is written "
                          "there and kept (default: one in a temporary folder, deleted at the end)")
     ap.add_argument("--sdcpp", metavar="PATH", help="stable-diffusion.cpp's binary (sd or sd-cli): time it too")
+    ap.add_argument("--sdcpp-sizes", help="comma list of the sizes stable-diffusion.cpp runs at (default: --sizes)")
     ap.add_argument("--markdown", type=Path, help="write the tables (markdown) to this file")
     ap.add_argument("--json", type=Path, help="write every measurement to this file")
     ap.add_argument("--dry-run", action="store_true", help="print the machine and the plan; run nothing")
@@ -669,12 +674,13 @@ def main(argv=None) -> int:
         sdcpp_bin = shutil.which(args.sdcpp) or (args.sdcpp if Path(args.sdcpp).is_file() else None)
         if sdcpp_bin is None:
             print(f"--sdcpp {args.sdcpp}: no such program; stable-diffusion.cpp is skipped")
+    sdcpp_sizes = sorted(int(x) for x in args.sdcpp_sizes.split(",")) if args.sdcpp_sizes else sizes
     plan = make_plan(args, sizes, dtypes, ops, levers)
     for dt, partner, rows in plan:
         for op, size, variants in rows:
             print(f"plan: {dt} [ldm + {partner}] {op} {size}px x{repeats_for(size)}: {', '.join(variants)}")
     if sdcpp_bin:
-        print(f"plan: stable-diffusion.cpp {sdcpp_bin}, {', '.join(map(str, sizes))} px, after each dtype's "
+        print(f"plan: stable-diffusion.cpp {sdcpp_bin}, {', '.join(map(str, sdcpp_sizes))} px, after each dtype's "
               f"diffusers group")
     if args.dry_run:
         return 0
@@ -695,7 +701,8 @@ def main(argv=None) -> int:
         for dt, partner, group in plan:
             procs = {}
             try:  # a fresh ldm worker per group: its memory carries nothing from another group's rows
-                for name in ("ldm", partner):
+                names = [command(v, op, size, 0)[0] for op, size, vs in group for v in vs]
+                for name in dict.fromkeys(["ldm", partner] + names):  # every worker the group's rows use, once
                     procs[name] = Proc(name, dt, args, tmp)
                     ready = procs[name].read()
                     if "error" in ready:
@@ -718,7 +725,7 @@ def main(argv=None) -> int:
                 for p in procs.values():
                     p.close()
             if partner == "diffusers" and sdcpp_bin and "e2e" in ops:
-                for size in sizes:
+                for size in sdcpp_sizes:
                     for _ in range(repeats_for(size)):
                         r = sdcpp_run(sdcpp_bin, args.checkpoint, size, args.steps, dt, args.threads, tmp / "sdcpp.png")
                         sdcpp.setdefault((size, dt), []).append(r)
@@ -732,7 +739,8 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
                                              "rows": [{"group": r.group, "op": r.op, "size": r.size, "dtype": r.dtype,
-                                                       "runs": r.runs, "errors": r.errors} for r in rows],
+                                                       "runs": r.runs, "errors": r.errors, "first": r.first}
+                                                      for r in rows],
                                              "diffs": diffs,
                                              "sdcpp": {f"{k[0]}-{k[1]}": v for k, v in sdcpp.items()}}, indent=1))
     finally:
