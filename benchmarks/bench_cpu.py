@@ -62,7 +62,9 @@ max |diff|, and the uint8 image difference (on random weights the images are noi
 checkpoint's images show how visible the difference is).
 
 --sdcpp PATH also times stable-diffusion.cpp's command-line binary (sd or sd-cli; not a dependency,
-skipped cleanly when absent) on the same checkpoint: --repeats runs per e2e size and dtype with the same
+skipped cleanly when absent; built from source with `git clone --recursive
+https://github.com/leejet/stable-diffusion.cpp; cmake -S stable-diffusion.cpp -B build
+-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON; cmake --build build --target sd-cli`) on the same checkpoint: --repeats runs per e2e size and dtype with the same
 size, steps, guidance 7.5, Euler and --threads; seconds per step from its own log ("sampling completed,
 taking X s" / steps, else its "s/it"), next to ldm's UNet step. fp32 runs it with --type f32, bf16 with
 --type bf16 (a build without bf16 fails: the row says so).

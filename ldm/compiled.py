@@ -41,7 +41,7 @@ import torch._inductor.config as inductor_config
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["CompiledForward", "compile_unet", "uncompile_unet", "is_compiled"]
+__all__ = ["CompiledForward", "check_flag", "compile_unet", "uncompile_unet", "is_compiled"]
 
 
 class CompiledForward:
@@ -103,6 +103,13 @@ class CompiledForward:
         self.compiles += 1
         self.notify(f"ldm: compiled in {time.perf_counter() - t0:.0f} s; calls at this shape now run compiled")
         return out
+
+
+def check_flag(compile, name: str = "compile") -> bool:
+    """A compile= argument: True or False, nothing that merely looks like one ("no" is truthy)."""
+    if not isinstance(compile, bool):
+        raise TypeError(f"{name}={compile!r}: must be True or False")
+    return compile
 
 
 def compile_unet(unet: nn.Module, notify: Callable[[str], None] | None = None) -> CompiledForward:

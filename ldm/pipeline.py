@@ -473,6 +473,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     The family record also gives the tokenizer and the schedule; a diffusers folder's scheduler config sets
     the schedule's steps_offset and the default timestep spacing (generate's spacing= overrides it).
     """
+    compiled.check_flag(compile, "ldm.load: compile")  # before any reading: a mistyped flag fails at once
     if path is None:
         path, why = weights.default_checkpoint()
         log.warning("ldm.load: no checkpoint given; using %s", why)

@@ -1,6 +1,9 @@
 """ldm.compiled: the UNet through torch.compile (opt-in). The real compile is slow (a minute on a tiny
 UNet), so it is in the full tier; the wiring (what runs eager, what a failure does, what the module
 keeps) is tested in the default run with torch.compile replaced."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +54,9 @@ def test_compile_keeps_the_module_and_its_keys(fake_compile):
     assert not compiled.is_compiled(unet) and "forward" not in unet.__dict__
     with pytest.raises(TypeError, match="expected an ldm UNetModel, got Linear"):
         compiled.compile_unet(torch.nn.Linear(2, 2))
+    for bad in ("no", 1, None):  # a flag that only looks like one fails before the checkpoint is read
+        with pytest.raises(TypeError, match=rf"ldm.load: compile={bad!r}: must be True or False"):
+            ldm.load("/no/such/file.safetensors", compile=bad)
 
 
 def test_compile_is_for_inference_and_recompiles_when_weights_change(fake_compile):
@@ -129,6 +135,8 @@ def kohya_lora(path, unet):
 
 
 @pytest.mark.full
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++") or os.environ.get("CXX")),
+                    reason="inductor needs a C++ compiler on the CPU (none found)")
 def test_compiled_pipeline_matches_eager_through_a_lora(tmp_path):
     """A compiled tiny pipeline paints the eager one's picture; a LoRA merged after the first compile
     applies (the frozen weights are refreshed), and unloading it brings the first picture back."""
