@@ -261,8 +261,13 @@ def cmd_generate(args) -> None:
         else:
             result = pipe.inpaint(args.prompt, image, mask, strength=args.strength, height=height,
                                   width=width, **kw)
+    said = set()  # each once; not the libraries' deprecation notes about their own internals (torch.compile's)
     for w in caught:
-        print(f"ldm: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+        text = " ".join(str(w.message).split())
+        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) \
+                and text not in said:
+            said.add(text)
+            print(f"ldm: warning: {text}", file=sys.stderr)
     for img, seed, params in zip(result.images, result.seeds, result.parameters):
         saved = images.save_png(img, folder, params, stem=str(seed))
         print(f"wrote {saved} ({img.width}x{img.height}, seed {seed})")
