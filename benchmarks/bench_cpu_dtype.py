@@ -4,7 +4,8 @@
     python benchmarks/bench_cpu_dtype.py --only sd1 --threads 2 --repeats 3
 
 dtype="auto" on a CPU with native bf16 (AVX512-BF16 or AMX; ldm.memory.cpu_has_native_bf16)
-runs the UNet and the text encoder in bf16 and keeps the VAE in fp32. Two parts:
+runs every network in bf16, the VAE included (until 2026-12-06 it kept the VAE in fp32; the
+numbers in docs/05-pipeline.md are from then). Two parts:
 
   sd1     the full-size SD 1.x UNet (random weights, seeded) on a 512x512 image's latents with
           classifier-free guidance (batch 2, 64x64 latents, 77 context tokens), and the full CLIP
