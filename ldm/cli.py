@@ -140,7 +140,13 @@ def cmd_explore(args) -> None:
         print(f"ldm explore: open {server.url} in a browser (Ctrl-C stops the server)", flush=True)
         server.serve()
     except KeyboardInterrupt:
-        print("ldm explore: stopped", file=sys.stderr)
+        server.server_close()
+        print("ldm explore: stopped", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # End the process here. After a Ctrl-C, the interpreter's own shutdown sometimes aborted
+        # ("terminate called without an active exception", exit -6: 1 of 25 and 2 of 40 stops on a Zen 4
+        # CPU), a native thread torn down after the server's threads; nothing is left to clean up.
+        os._exit(0)
     finally:
         server.server_close()
 
