@@ -513,7 +513,7 @@ def tables(info: dict, rows: list[Row], diffs: list[dict], sdcpp: dict, args) ->
     if levers:
         L += ["", "Levers, each against ldm as ldm.load leaves it (allocator tuned, contiguous, eager, networks in "
               "the row's dtype) in the same rounds; faults: minor page faults per call; after: RSS when it returned.",
-              " Where diffusers ran in the same rounds (the compile group), lever / diffusers too; first call: the "
+              "Where diffusers ran in the same rounds (the compile group), lever / diffusers too; first call: the "
               "untimed warm-up's seconds (compiling).",
               "", "| op | px | dtype | lever | s | ldm s | lever / ldm | (CPU time) | lever / diffusers | first call s | "
               "faults, lever / ldm | sys s, lever / ldm | peak GiB, lever / ldm | after GiB, lever / ldm | load |",

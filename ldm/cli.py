@@ -129,6 +129,12 @@ def cmd_random_checkpoint(args) -> None:
           f"random weights in the {family.title} single-file layout; its images are noise")
 
 
+def _is_the_command() -> bool:
+    """Is this process the `ldm` command (its console script, or python -m ldm.cli), not a caller's?"""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return (spec is not None and spec.name == "ldm.cli") or Path(sys.argv[0]).name == "ldm"
+
+
 def cmd_explore(args) -> None:
     """`ldm explore`: listen first (a taken port fails before the model loads), then load, then serve."""
     import ldm
@@ -143,10 +149,12 @@ def cmd_explore(args) -> None:
         server.server_close()
         print("ldm explore: stopped", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        # End the process here. After a Ctrl-C, the interpreter's own shutdown sometimes aborted
-        # ("terminate called without an active exception", exit -6: 1 of 25 and 2 of 40 stops on a Zen 4
-        # CPU), a native thread torn down after the server's threads; nothing is left to clean up.
-        os._exit(0)
+        # As the `ldm` command, end the process here: after a Ctrl-C the interpreter's own shutdown
+        # sometimes aborted ("terminate called without an active exception", exit -6: 1 of 25 and 2 of 40
+        # stops on a Zen 4 CPU), a native thread torn down after the server's threads, and nothing is left
+        # to clean up. Called from someone's interpreter (a notebook, a test), return to it instead.
+        if _is_the_command():
+            os._exit(0)
     finally:
         server.server_close()
 

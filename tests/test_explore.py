@@ -4,7 +4,6 @@ DevTools protocol, with a WebSocket client from the standard library)."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import http.client
 import json
@@ -295,6 +294,24 @@ def test_bind_refuses_a_non_loopback_host_unless_told_and_a_taken_port():
         assert not remote.host_allowed(f"evil.example:{remote.port}")  # a name: still the rebinding check
     finally:
         remote.server_close()
+
+
+def test_ctrl_c_in_a_callers_interpreter_returns_to_it(tmp_path, monkeypatch, capsys):
+    """Only the `ldm` command's own process ends itself after Ctrl-C (its shutdown could abort); a
+    notebook or test that runs cli.main(["explore"]) gets control back, the socket closed."""
+    from ldm.explore import server as server_mod
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LDM_CHECKPOINT", raising=False)
+    closed = []
+
+    def interrupted(self):
+        closed.append(self)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(server_mod.ExploreServer, "serve", interrupted)
+    assert not cli._is_the_command()
+    assert cli.main(["explore", "--port", "0"]) == 0  # still here: the interpreter was not ended
+    assert closed and closed[0].socket.fileno() == -1
+    assert capsys.readouterr().err.strip().endswith("ldm explore: stopped")
 
 
 def test_cli_failures_are_one_line(tmp_path, monkeypatch, capsys):
